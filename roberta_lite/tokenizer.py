@@ -1,0 +1,121 @@
+"""Tokenizer: RoBERTa's byte-level BPE (or any `tokenizer.json`) through the Rust `tokenizers` library.
+
+RoBERTa's tokenizer is GPT-2's byte-level BPE plus two special tokens around every text:
+`<s> text </s>` (ids 0 and 2 in roberta-base), padding with `<pad>` (id 1). A checkpoint directory carries it
+either as one `tokenizer.json` or as the older pair `vocab.json` + `merges.txt`; both load here and give the
+same ids as transformers' `RobertaTokenizer(..., truncation=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from roberta_lite.weights import resolve_checkpoint
+
+# The padding token under the names the common vocabularies give it (RoBERTa/BPE first, then BERT/WordPiece).
+_PAD_TOKENS = ("<pad>", "[PAD]")
+
+
+class Tokenizer:
+    """Text -> token ids, with truncation to the model's length and padding to tensors."""
+
+    def __init__(self, tokenizer: _RustTokenizer, source: str = ""):
+        self._tok = tokenizer
+        # The model pads and truncates itself (per call); a file that asks for fixed padding is overridden.
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.source = source
+        self.pad_id = self._find_pad_id()
+        # What makes two tokenizers equal: used as a cache key for tokenized datasets.
+        self.fingerprint = hashlib.sha256(self._tok.to_str().encode()).hexdigest()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "Tokenizer":
+        """Load from a checkpoint directory or a hub id (`roberta-base`): tokenizer.json, else vocab.json + merges.txt."""
+        root = resolve_checkpoint(name_or_path, what="tokenizer")
+        if (root / "tokenizer.json").is_file():
+            try:
+                return cls(_RustTokenizer.from_file(str(root / "tokenizer.json")), str(name_or_path))
+            except Exception as e:  # the Rust library's message says what is wrong, not in which file
+                raise ValueError(f"{root / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
+        vocab, merges = root / "vocab.json", root / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            return cls(_byte_level_bpe(vocab, merges), str(name_or_path))
+        raise FileNotFoundError(f"{root}: no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt)")
+
+    def _find_pad_id(self) -> int:
+        for token in _PAD_TOKENS:
+            i = self._tok.token_to_id(token)
+            if i is not None:
+                return i
+        raise ValueError(f"{self.source or 'tokenizer'}: no padding token (looked for {', '.join(_PAD_TOKENS)})")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, max_length: int = 512) -> list[int]:
+        """Ids with the special tokens, cut to `max_length` (the end `</s>` is kept, as transformers does)."""
+        return self.encode_batch([text], max_length)[0]
+
+    def encode_batch(self, texts: list[str], max_length: int = 512) -> list[list[int]]:
+        """Encode many texts at once; the Rust library spreads them over all cores."""
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: must leave room for the two special tokens")
+        self._tok.enable_truncation(max_length)
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def __call__(self, texts: str | list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and right-pad to a batch: (input_ids, attention_mask), both int64 of shape (B, T)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.pad(self.encode_batch(texts, max_length))
+
+    def pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad id lists with `pad_id`; the mask marks real tokens with 1."""
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+
+def _byte_level_bpe(vocab: Path, merges: Path) -> _RustTokenizer:
+    """Rebuild RoBERTa's tokenizer from the GPT-2-style pair of files, as transformers' RobertaTokenizer does."""
+    try:
+        vocab_map = json.loads(vocab.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{vocab}: invalid JSON ({e})") from None
+    lines = merges.read_text(encoding="utf-8").splitlines()
+    merge_pairs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{merges} line {n}: expected two space-separated symbols, got {line!r}")
+        merge_pairs.append((parts[0], parts[1]))
+    tok = _RustTokenizer(models.BPE(vocab_map, merge_pairs))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos, eos = "<s>", "</s>"
+    for t in (bos, eos):
+        if t not in vocab_map:
+            raise ValueError(f"{vocab}: special token {t} missing from the vocabulary")
+    tok.post_processor = processors.RobertaProcessing((eos, vocab_map[eos]), (bos, vocab_map[bos]))
+    # `<mask>` swallows the space before it, so "a <mask>" predicts the word with its leading space.
+    specials = [AddedToken(t, lstrip=t == "<mask>") for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>") if t in vocab_map]
+    tok.add_special_tokens(specials)
+    return tok
