@@ -345,8 +345,8 @@ class Model(nn.Module):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids: token id {bad} is outside the vocabulary (0..{cfg.vocab_size - 1}); "
-                             f"was the text tokenized with this model's tokenizer?")
+            raise ValueError(f"input_ids: token id {bad} is outside the vocabulary of {cfg.vocab_size} tokens "
+                             f"(ids 0..{cfg.vocab_size - 1}); was the text tokenized with this model's tokenizer?")
         if attention_mask is None:
             return None
         if attention_mask.shape != ids.shape:
@@ -366,7 +366,6 @@ class Model(nn.Module):
         if C // cfg.reduction_factor < 1:
             raise ValueError(f"adapter reduction_factor {cfg.reduction_factor} leaves no bottleneck at hidden size {C}")
         device = self.embed.tok.weight.device
-        device = torch.device("cpu") if device.type == "meta" else device
         for layer in self.layers:
             layer.attn_adapter = self._new_adapter(cfg, device) if cfg.kind == "houlsby" else None
             layer.ffn_adapter = self._new_adapter(cfg, device)
@@ -375,18 +374,18 @@ class Model(nn.Module):
 
     def _new_adapter(self, cfg: AdapterConfig, device: torch.device) -> Adapter:
         a = Adapter(self.config.hidden_size, cfg).to(device)  # float32 master weights, whatever the base dtype
-        a.reset_parameters(self.config.initializer_range)
-        a.requires_grad_(True)
-        return a
+        if device.type != "meta":
+            a.reset_parameters(self.config.initializer_range)
+        return a.train(self.training)  # a new module must not switch dropout on in an eval-mode model
 
     def set_num_labels(self, num_labels: int, labels: list[str] | None = None) -> "Model":
         """A fresh classification head for `num_labels` classes."""
         if labels is not None and len(labels) != num_labels:
             raise ValueError(f"labels: {len(labels)} names for {num_labels} classes")
         device = self.embed.tok.weight.device
-        device = torch.device("cpu") if device.type == "meta" else device
-        self.head = ClassificationHead(self.config, num_labels).to(device)
-        self.head.apply(self._init_fresh)
+        self.head = ClassificationHead(self.config, num_labels).to(device).train(self.training)
+        if device.type != "meta":
+            self.head.apply(self._init_fresh)
         self.labels = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
         return self
 
@@ -484,9 +483,10 @@ class Model(nn.Module):
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise W.CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        self.add_adapter(meta["adapter"])
-        self.set_num_labels(int(meta["num_labels"]), meta["labels"])
-        expected = {k: v for k, v in self.state_dict().items() if self.is_trainable_name(k)}
+        # Check everything on a shapes-only copy first, so a bad file leaves this model as it was.
+        with torch.device("meta"):
+            probe = Model(self.config, num_labels=int(meta["num_labels"]), adapter=meta["adapter"])
+        expected = {k: v for k, v in probe.state_dict().items() if probe.is_trainable_name(k)}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
@@ -495,6 +495,8 @@ class Model(nn.Module):
             if tuple(t.shape) != tuple(expected[k].shape):
                 raise W.CheckpointError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, this model expects "
                                         f"{tuple(expected[k].shape)} (adapter saved for another base?)")
+        self.add_adapter(meta["adapter"])
+        self.set_num_labels(int(meta["num_labels"]), meta["labels"])
         with torch.no_grad():
             for k, p in self.named_parameters():
                 if k in tensors:

@@ -99,7 +99,10 @@ def convert(hf_tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
     for hf_key, t in hf_tensors.items():
-        ours = map_key(hf_key)
+        try:
+            ours = map_key(hf_key)
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
         if ours is None:
             continue
         if isinstance(ours, tuple):
@@ -111,7 +114,11 @@ def convert(hf_tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch
     for name, pieces in parts.items():
         if len(pieces) != 3:
             have = ", ".join(k for k, _ in pieces.values())
-            raise CheckpointError(f"{source}: query/key/value incomplete for {name} (found only {have})")
+            qkv = ("query", "key", "value")
+            i0 = next(iter(pieces))
+            absent = [pieces[i0][0].replace(f".self.{qkv[i0]}.", f".self.{qkv[i]}.") for i in range(3) if i not in pieces]
+            raise CheckpointError(f"{source}: tensor {', '.join(map(repr, absent))} is missing (found only {have}; "
+                                  f"query, key and value are fused into {name})")
         hf_keys = [pieces[i][0] for i in range(3)]
         shapes = [pieces[i][1].shape for i in range(3)]
         if len({s for s in shapes}) != 1:

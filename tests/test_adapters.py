@@ -1,0 +1,181 @@
+"""Adapters: where they sit, that they start as the identity, that only they (and the head) train."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoints import TINY, save_hf
+from roberta_lite import AdapterConfig, Config, Model
+
+from test_parity import TOL, batch, max_diff
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    hf = save_hf(d, "RobertaForSequenceClassification", **TINY)
+    return d, hf
+
+
+def randomize_adapters(model: Model, seed: int = 0):
+    """Trained-looking adapters: non-zero up-projections, so placement actually matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_adapter." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
+def test_identity_at_init(ckpt, kind):
+    d, _ = ckpt
+    plain, adapted = Model.from_pretrained(d), Model.from_pretrained(d, adapter=kind)
+    ids, mask = batch(TINY["vocab_size"], 1)
+    with torch.no_grad():
+        assert torch.equal(plain.encode(ids, mask), adapted.encode(ids, mask))
+
+
+def test_slots_per_kind(ckpt):
+    d, _ = ckpt
+    h = Model.from_pretrained(d, adapter="houlsby")
+    p = Model.from_pretrained(d, adapter=AdapterConfig(kind="pfeiffer", reduction_factor=8, activation="gelu"))
+    assert all(l.attn_adapter is not None and l.ffn_adapter is not None for l in h.layers)
+    assert all(l.attn_adapter is None and l.ffn_adapter is not None for l in p.layers)
+    assert p.layers[0].ffn_adapter.down.out_features == TINY["hidden_size"] // 8
+
+
+class HFAdapter(nn.Module):
+    """An adapter on the transformers side, holding the same weights as ours."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x):
+        return self.ours.up(self.ours.act(self.ours.down(x)))
+
+
+def test_houlsby_placement_matches_reference(ckpt):
+    """Houlsby: after the attention output projection and after the FFN output projection, each before its
+    residual add + LayerNorm. Reference: transformers' layers with an adapter added onto those projections."""
+    d, hf = ckpt
+    ours = Model.from_pretrained(d, adapter="houlsby")
+    randomize_adapters(ours)
+
+    class Plus(nn.Module):
+        def __init__(self, dense, adapter):
+            super().__init__()
+            self.dense, self.adapter = dense, adapter
+
+        def forward(self, x):
+            y = self.dense(x)
+            return y + self.adapter(y)
+
+    import copy
+    ref = copy.deepcopy(hf)
+    for layer, mine in zip(ref.roberta.encoder.layer, ours.layers):
+        layer.attention.output.dense = Plus(layer.attention.output.dense, HFAdapter(mine.attn_adapter))
+        layer.output.dense = Plus(layer.output.dense, HFAdapter(mine.ffn_adapter))
+    ids, mask = batch(TINY["vocab_size"], 1)
+    with torch.no_grad():
+        diff = max_diff(ref(input_ids=ids, attention_mask=mask).logits, ours(ids, mask), mask)
+        moved = max_diff(hf(input_ids=ids, attention_mask=mask).logits, ours(ids, mask), mask)
+    assert diff <= TOL
+    assert moved > 1e-3  # the adapters really change the output
+
+
+def test_pfeiffer_placement_matches_reference(ckpt):
+    """Pfeiffer (AdapterHub SeqBnConfig): FFN only; the adapter reads LN(x + h) and adds to h, then the same
+    LayerNorm is applied to x + h + adapter: original_ln_before, residual_before_ln, original_ln_after."""
+    d, hf = ckpt
+    ours = Model.from_pretrained(d, adapter="pfeiffer")
+    randomize_adapters(ours, seed=1)
+    import copy
+    ref = copy.deepcopy(hf)
+    for layer, mine in zip(ref.roberta.encoder.layer, ours.layers):
+        adapter = HFAdapter(mine.ffn_adapter)
+
+        def forward(self, hidden_states, input_tensor, adapter=adapter):
+            h = self.dropout(self.dense(hidden_states))
+            h = h + adapter(self.LayerNorm(h + input_tensor))
+            return self.LayerNorm(h + input_tensor)
+
+        layer.output.forward = types.MethodType(forward, layer.output)
+    ids, mask = batch(TINY["vocab_size"], 1)
+    with torch.no_grad():
+        assert max_diff(ref(input_ids=ids, attention_mask=mask).logits, ours(ids, mask), mask) <= TOL
+
+
+def test_freeze_base_trains_only_adapters_and_head(ckpt):
+    d, _ = ckpt
+    model = Model.from_pretrained(d, adapter="houlsby")
+    summary = model.freeze_base()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("head.") or "_adapter." in n for n in trainable)
+    assert any("attn_adapter" in n for n in trainable) and any("ffn_adapter" in n for n in trainable)
+    assert {"head.dense.weight", "head.out.weight"} <= trainable
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert summary.startswith(f"trainable params: {n_trainable:,} || all params: ")
+
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # all params: frozen ones must not move
+    model.train()
+    ids, mask = batch(TINY["vocab_size"], 1)
+    labels = torch.tensor([0, 1, 1, 0])
+    for _ in range(3):
+        loss = F.cross_entropy(model(ids, mask), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in base_before:
+            assert p.grad is None, n
+            assert torch.equal(p, base_before[n]), n
+    assert any(not torch.equal(p, adapters_before[n]) for n, p in model.named_parameters() if "up" in n and p.requires_grad)
+
+
+def test_save_load_round_trip(ckpt, tmp_path):
+    d, _ = ckpt
+    model = Model.from_pretrained(d, adapter=AdapterConfig("pfeiffer", reduction_factor=4, activation="swish"))
+    randomize_adapters(model)
+    model.set_num_labels(3, ["a", "b", "c"])
+    with torch.no_grad():
+        model.head.out.weight.normal_()
+    out = tmp_path / "adapter"
+    model.save_adapter(out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    meta = Model.read_adapter_config(out)
+    assert meta["labels"] == ["a", "b", "c"] and meta["adapter"]["kind"] == "pfeiffer"
+    assert meta["base_model"] == str(d) and len(meta["base_fingerprint"]) == 16
+
+    fresh = Model.from_pretrained(d).load_adapter(out)
+    assert fresh.labels == ["a", "b", "c"] and fresh.adapter_config == model.adapter_config
+    ids, mask = batch(TINY["vocab_size"], 1)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), fresh(ids, mask))
+    # bf16 base takes the same adapter (fingerprint is precision-independent) and agrees within bf16 tolerance
+    bf = Model.from_pretrained(d, dtype=torch.bfloat16).load_adapter(out)
+    with torch.no_grad():
+        ref, got = model(ids, mask), bf(ids, mask)
+    assert got.dtype == torch.float32
+    assert (ref - got).abs().max() / ref.abs().max() < 3e-2
+
+
+def test_adapter_files_are_tiny_next_to_base(tmp_path):
+    from checkpoints import ROBERTA_BASE
+
+    cfg = Config.from_hf(dict(ROBERTA_BASE, model_type="roberta"))
+    with torch.device("meta"):
+        model = Model(cfg, num_labels=2)
+    model.add_adapter("houlsby")
+    model.freeze_base()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"roberta-base Houlsby rf16: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+    assert 0.005 < trainable / total < 0.02
