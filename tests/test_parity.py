@@ -103,6 +103,17 @@ def test_roberta_base_shape_parity(tmp_path):
     print(f"roberta-base shape parity: hidden {d_hidden:.2e}, logits {d_logits:.2e}")
     assert d_hidden <= TOL and d_logits <= TOL
 
+    # The fast path: the whole frozen base in bf16 (activations too), head in fp32. Within bf16's tolerance.
+    fast = Model.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert fast.embed.tok.weight.dtype == torch.bfloat16 and fast.head.out.weight.dtype == torch.float32
+    with torch.no_grad():
+        h16, l16 = fast.encode(ids, mask).float(), fast(ids, mask)
+    rel_hidden = max_diff(ref_hidden, h16, mask) / ref_hidden[mask.bool()].abs().max().item()
+    rel_logits = max_diff(ref_logits, l16, mask) / ref_logits.abs().max().item()
+    print(f"bf16 vs fp32 relative error: hidden {rel_hidden:.2e}, logits {rel_logits:.2e}")
+    assert l16.dtype == torch.float32
+    assert rel_hidden < 1e-2 and rel_logits < 1e-2  # transformers under bf16 autocast: ~5e-3 on both
+
 
 def test_unpadded_batch_without_mask(tiny):
     _, hf, ours = tiny
