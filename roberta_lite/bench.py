@@ -1,0 +1,793 @@
+"""Side-by-side speed benchmark: roberta_lite against transformers' RobertaForSequenceClassification.
+
+    python -m roberta_lite.bench                          # CPU, roberta-base shape, 8 x 256, train and infer
+    python -m roberta_lite.bench --lengths imdb --steps 8 # an IMDB-like length mix, batches padded to their longest
+    python -m roberta_lite.bench --device cuda --fp32 --json bench.json
+
+What is compared, so that only the implementations differ:
+  * the same weights: a random roberta-base-shaped (or --config tiny) checkpoint is written once to a temporary
+    directory with transformers' save_pretrained and loaded by both sides (or --checkpoint DIR, a real one);
+  * the same Houlsby adapters (reduction 16, relu) with the same weights, copied from roberta_lite's into the
+    transformers model. They sit where roberta_lite puts them: on the attention-output and FFN-output projections'
+    result after its dropout, before the residual add + LayerNorm (`h = dropout(dense(x)); h + up(relu(down(h)))`);
+  * everything frozen but adapters + classifier, dropout on (model.train()), AdamW (fused where the device
+    supports it, else foreach) on the trainable parameters, the same batches in the same order;
+  * steps alternate between the sides (the order rotates every step) and the medians are reported.
+
+Recipes. roberta_lite: `Model.from_pretrained(..., dtype=torch.bfloat16)`, fp32 adapters/head, no autocast.
+transformers at its best simple recipe on the device: CPU: bf16 autocast with the fastest of its "sdpa" and
+"eager" attention (timed here, per mode, and reported); GPU: bf16 autocast + SDPA + length-sorted batches, and
+torch.compile as a second row. --fp32 adds an fp32 row for both sides. --attention-dropout P sets the
+attention-probability dropout of both sides (roberta_lite's set_dropout(attention=P) recipe, timed fairly).
+
+On a shared CPU (other processes busy), OpenMP's spin-waiting worker threads can make every step several times
+slower; run with OMP_WAIT_POLICY=PASSIVE in the environment (it must be set before torch starts) or --threads 1.
+The 1-minute load average at start and end is recorded, and a note printed when the CPU was not idle.
+
+Tokens/s counts real (non-padding) tokens: real tokens per batch / median step time for one fixed shape, the median
+of the per-step rates for a length mix (the JSON also has total tokens / total time). Achieved TFLOP/s counts the matmul work actually done on the padded
+batch (see `flops`):
+  forward  = 2 * (matmul weights of the layers, adapters and head) per token + 4*T*T*C per layer per sequence
+             (Q K^T and P V); embeddings are gathers, LayerNorm/GELU/softmax are not counted;
+  training = forward + backward. The base is frozen, so the backward needs only input gradients: one matmul per
+             forward matmul (1x forward), attention core 2x (dQ, dK from dS; dV, dP from dO); none at all for layer
+             0's attention block, whose input (the frozen embeddings) needs no gradient; plus weight gradients
+             for adapters and head (1x their forward). So training ~= 2x forward.
+Memory: CUDA: torch.cuda.max_memory_allocated over one extra (untimed) step, minus what was allocated before it.
+CPU (tracemalloc cannot see torch's allocations): resident memory from /proc/self/status over one extra untimed
+step: free heap handed back first (malloc_trim), the peak reset (/proc/self/clear_refs), VmHWM read after; both
+sides live in one process, so the delta (peak minus resident before the step) is the per-side number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from roberta_lite.model import AdapterConfig, Model
+
+CONFIGS = {
+    # roberta-base's shape
+    "base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072),
+    # for the smoke test: seconds, not minutes
+    "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+}
+COMMON = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+              eos_token_id=2, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+              initializer_range=0.02, model_type="roberta", architectures=["RobertaForSequenceClassification"])
+NUM_LABELS = 2
+ADAPTER = AdapterConfig(kind="houlsby", reduction_factor=16, activation="relu")
+IMDB_MEDIAN, IMDB_SIGMA = 230.0, 0.7  # log-normal fit of IMDB review lengths in RoBERTa tokens (~13% over 512)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+def write_checkpoint(directory: Path, config: str, seed: int = 0) -> dict:
+    """A random checkpoint of the given shape, with a 2-class classifier. Uses transformers' save_pretrained when
+    transformers is installed, else writes the same key names with safetensors directly."""
+    cfg = {**COMMON, **CONFIGS[config]}
+    torch.manual_seed(seed)
+    try:
+        from transformers import RobertaConfig, RobertaForSequenceClassification
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return _write_checkpoint_plain(directory, cfg)
+    hf_logging.disable_progress_bar()
+    hf_cfg = RobertaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")},
+                           num_labels=NUM_LABELS)
+    RobertaForSequenceClassification(hf_cfg).save_pretrained(directory)
+    return cfg
+
+
+def _write_checkpoint_plain(directory: Path, cfg: dict) -> dict:
+    from safetensors.torch import save_file
+
+    C, Fs, V, P = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["max_position_embeddings"]
+    std = cfg["initializer_range"]
+    shapes = {"roberta.embeddings.word_embeddings.weight": (V, C),
+              "roberta.embeddings.position_embeddings.weight": (P, C),
+              "roberta.embeddings.token_type_embeddings.weight": (cfg["type_vocab_size"], C),
+              "roberta.embeddings.LayerNorm.weight": (C,), "roberta.embeddings.LayerNorm.bias": (C,),
+              "classifier.dense.weight": (C, C), "classifier.dense.bias": (C,),
+              "classifier.out_proj.weight": (NUM_LABELS, C), "classifier.out_proj.bias": (NUM_LABELS,)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"roberta.encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (C, C), (C,)
+        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (Fs, C), (Fs,)
+        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (C, Fs), (C,)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (C,), (C,)
+    tensors = {}
+    for k, s in shapes.items():
+        if k.endswith("LayerNorm.weight"):
+            tensors[k] = torch.ones(s)
+        elif len(s) == 1:
+            tensors[k] = torch.zeros(s)
+        else:
+            tensors[k] = torch.randn(s) * std
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({**cfg, "num_labels": NUM_LABELS}, indent=2))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) int64
+    mask: torch.Tensor  # (B, T) int64, 1 on real tokens
+    labels: torch.Tensor  # (B,)
+    real_tokens: int
+    lengths: list[int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.ids.shape)
+
+
+def sample_lengths(kind: str, n: int, length: int, max_len: int, rng: np.random.Generator) -> list[int]:
+    if kind == "fixed":
+        return [min(length, max_len)] * n
+    # IMDB-like: log-normal with median ~230 tokens, cut at the model's limit (512 for roberta-base)
+    x = np.exp(rng.normal(math.log(IMDB_MEDIAN), IMDB_SIGMA, size=n))
+    return [int(v) for v in np.clip(np.round(x), 8, max_len)]
+
+
+def make_batches(kind: str, steps: int, batch: int, length: int, vocab: int, max_len: int, sort: bool,
+                 seed: int, device: torch.device) -> list[Batch]:
+    rng = np.random.default_rng(seed)
+    lengths = sample_lengths(kind, steps * batch, length, max_len, rng)
+    if sort:  # length-sorted batches (less padding); their order is then shuffled
+        lengths = sorted(lengths)
+    groups = [lengths[i * batch:(i + 1) * batch] for i in range(steps)]
+    if sort:
+        rng.shuffle(groups)
+    out = []
+    for g in groups:
+        T = max(g)
+        ids = torch.from_numpy(rng.integers(3, vocab, size=(batch, T))).long()
+        mask = torch.zeros(batch, T, dtype=torch.long)
+        for i, n in enumerate(g):
+            ids[i, 0], ids[i, n - 1] = 0, 2  # <s> ... </s>
+            ids[i, n:] = 1  # <pad>
+            mask[i, :n] = 1
+        labels = torch.from_numpy(rng.integers(0, NUM_LABELS, size=batch)).long()
+        out.append(Batch(ids.to(device), mask.to(device), labels.to(device), int(sum(g)), list(g)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+def flops(cfg: dict, B: int, T: int, train: bool) -> float:
+    """Matmul FLOPs of one step on a (B, T) batch; see the module docstring for the model."""
+    C, Fs, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    r = C // ADAPTER.reduction_factor
+    n_adapters = 2 if ADAPTER.kind == "houlsby" else 1
+    tok = B * T
+    attn_block = 2 * (3 * C * C + C * C) * tok  # qkv + output projection
+    attn_core = 4 * T * T * C * B  # Q K^T and P V
+    ffn = 2 * (2 * C * Fs) * tok
+    adapters = n_adapters * 2 * (2 * C * r) * tok
+    head = 2 * (C * C + C * NUM_LABELS) * B
+    fwd = L * (attn_block + attn_core + ffn + adapters) + head
+    if not train:
+        return float(fwd)
+    bwd_input = L * (ffn + adapters) + (L - 1) * (attn_block + 2 * attn_core) + head
+    bwd_weight = L * adapters + head
+    return float(fwd + bwd_input + bwd_weight)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+_LIBC = None
+
+
+def _malloc_trim():
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _proc_status(key: str) -> int | None:
+    """A /proc/self/status field in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+class MemoryProbe:
+    """Peak memory of one step: before() / after() -> (peak bytes, peak above what was held before)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated"
+        elif _proc_status("VmHWM") is not None and _reset_hwm():
+            self.method = "RSS: /proc/self/status VmHWM, reset per step via /proc/self/clear_refs"
+        else:
+            self.method = "RSS: resource.getrusage ru_maxrss (process lifetime peak; delta is a lower bound)"
+
+    def before(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        elif self.method.startswith("RSS: /proc"):
+            _malloc_trim()
+            self.base = _proc_status("VmRSS")
+            _reset_hwm()
+        else:
+            _malloc_trim()
+            self.base = _maxrss()
+
+    def after(self) -> tuple[int, int]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        elif self.method.startswith("RSS: /proc"):
+            peak = _proc_status("VmHWM")
+        else:
+            peak = _maxrss()
+        return peak, max(0, peak - self.base)
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+
+class HoulsbyAfterDropout(nn.Module):
+    """Takes the place of a transformers sublayer's dropout: h = dropout(y); h + up(relu(down(h))), which is
+    exactly where roberta_lite's Houlsby adapter reads and writes."""
+
+    def __init__(self, dropout: nn.Module, hidden: int, bottleneck: int):
+        super().__init__()
+        self.dropout = dropout
+        self.down = nn.Linear(hidden, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(y)
+        return h + self.up(F.relu(self.down(h)))
+
+
+@dataclass
+class Contender:
+    label: str  # table row
+    side: str  # "roberta_lite" or "transformers"
+    recipe: str
+    model: nn.Module  # the module (trained / evaluated); `call` may be a compiled wrapper of it
+    call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits
+    autocast: torch.dtype | None = None
+    precision: str = "bf16"
+    compiled: bool = False
+    opt: torch.optim.Optimizer | None = None
+    times: dict = field(default_factory=dict)  # mode -> [(seconds, real tokens, flops padded, flops real)]
+    memory: dict = field(default_factory=dict)  # mode -> (peak, delta)
+
+    def autocast_ctx(self, device: torch.device):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW, fused where this device supports it, else foreach (the same choice for both sides)."""
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        # fused support is checked lazily on some versions: take one step on a throwaway to be sure
+        probe = torch.nn.Parameter(torch.zeros(2, device=device))
+        probe.grad = torch.zeros(2, device=device)
+        torch.optim.AdamW([probe], lr=1e-4, fused=True).step()
+        return opt, "fused"
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True), "foreach"
+
+
+def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int,
+              attn_dropout: float | None = None) -> Model:
+    m = Model.from_pretrained(ckpt, num_labels=NUM_LABELS, adapter=ADAPTER, dtype=dtype, device=device)
+    if attn_dropout is not None:
+        if hasattr(m, "set_dropout"):
+            m.set_dropout(attention=attn_dropout)
+        else:
+            for layer in m.layers:
+                layer.attn.dropout = attn_dropout
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-zero up-projections, so the adapters do something and the parity check means something
+        for layer in m.layers:
+            for a in (layer.attn_adapter, layer.ffn_adapter):
+                if a is not None:
+                    for lin in (a.down, a.up):
+                        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
+                        lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.02)
+    m.freeze_base()
+    return m
+
+
+def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropout: float | None = None) -> nn.Module:
+    """transformers' RobertaForSequenceClassification on the same checkpoint, fp32 weights, with the same Houlsby
+    adapters (weights copied from `lite`) and the same trainable set (adapters + classifier)."""
+    from transformers import RobertaForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf = RobertaForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32, attn_implementation=attn)
+    if attn_dropout is not None:  # both its eager and its sdpa attention read this module's p
+        for layer in hf.roberta.encoder.layer:
+            layer.attention.self.dropout.p = attn_dropout
+    C = hf.config.hidden_size
+    r = C // ADAPTER.reduction_factor
+    for layer, ours in zip(hf.roberta.encoder.layer, lite.layers):
+        for parent, a in ((layer.attention.output, ours.attn_adapter), (layer.output, ours.ffn_adapter)):
+            wrapped = HoulsbyAfterDropout(parent.dropout, C, r)
+            with torch.no_grad():
+                for mine, theirs in ((wrapped.down, a.down), (wrapped.up, a.up)):
+                    mine.weight.copy_(theirs.weight.float())
+                    mine.bias.copy_(theirs.bias.float())
+            parent.dropout = wrapped
+    with torch.no_grad():  # the same head too (a checkpoint without a classifier gets a fresh one on each side)
+        for mine, theirs in ((hf.classifier.dense, lite.head.dense), (hf.classifier.out_proj, lite.head.out)):
+            mine.weight.copy_(theirs.weight.float())
+            mine.bias.copy_(theirs.bias.float())
+    hf.requires_grad_(False)
+    for name, p in hf.named_parameters():
+        p.requires_grad_(name.startswith("classifier.") or ".dropout.down." in name or ".dropout.up." in name)
+    return hf.to(device)
+
+
+def copy_adapters(src: Model, dst: Model):
+    with torch.no_grad():
+        d = dict(dst.named_parameters())
+        for name, p in src.named_parameters():
+            if src.is_trainable_name(name):
+                d[name].copy_(p.float())
+
+
+def trainable(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------- stepping
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(c: Contender, b: Batch, mode: str, device: torch.device):
+    if mode == "train":
+        c.opt.zero_grad(set_to_none=True)
+        with c.autocast_ctx(device):
+            logits = c.call(b.ids, b.mask)
+        loss = F.cross_entropy(logits.float(), b.labels)
+        loss.backward()
+        c.opt.step()
+    else:
+        with torch.inference_mode(), c.autocast_ctx(device):
+            c.call(b.ids, b.mask)
+    sync(device)
+
+
+def set_mode(contenders: list[Contender], mode: str):
+    for c in contenders:
+        c.model.train(mode == "train")
+
+
+def timed(c: Contender, b: Batch, mode: str, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    step(c, b, mode, device)
+    return time.perf_counter() - t0
+
+
+def pick_attention(ckpt: Path, lite: Model, device: torch.device, modes: list[str], batch: Batch,
+                   log: Callable[[str], None], attn_dropout: float | None = None) -> tuple[dict[str, str], dict]:
+    """transformers' fastest attention on this device per mode, among "sdpa" and "eager" (bf16 autocast).
+    GPU: sdpa, by the recipe. CPU: timed here, 1 warm-up + 2 steps each."""
+    if device.type == "cuda":
+        return {m: "sdpa" for m in modes}, {}
+    timings: dict = {}
+    for impl in ("sdpa", "eager"):
+        hf = load_hf(ckpt, lite, device, impl, attn_dropout)
+        opt, _ = make_optimizer(trainable(hf), device)
+        c = Contender("probe", "transformers", "", hf, _hf_call(hf), autocast=torch.bfloat16, opt=opt)
+        for mode in modes:
+            hf.train(mode == "train")
+            step(c, batch, mode, device)
+            timings.setdefault(mode, {})[impl] = min(timed(c, batch, mode, device) for _ in range(2))
+        del hf, opt, c
+        gc.collect()
+    choice = {m: min(t, key=t.get) for m, t in timings.items()}
+    for m, t in timings.items():
+        log(f"  transformers attention, {m}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in t.items())
+            + f" -> {choice[m]}")
+    return choice, timings
+
+
+def _hf_call(hf: nn.Module) -> Callable:
+    return lambda ids, mask: hf(input_ids=ids, attention_mask=mask).logits
+
+
+def _lite_call(m: nn.Module) -> Callable:
+    return lambda ids, mask: m(ids, mask)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m roberta_lite.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--config", choices=tuple(CONFIGS), default="base", help="model shape (tiny: smoke tests)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a real Hugging Face RoBERTa checkpoint directory instead of a random one")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=256, help="sequence length with --lengths fixed")
+    p.add_argument("--lengths", choices=("fixed", "imdb"), default="fixed",
+                   help="fixed: every sequence --length long; imdb: log-normal, median 230 tokens, cut at 512, "
+                        "batches padded to their longest")
+    p.add_argument("--sort", action=argparse.BooleanOptionalAction, default=None,
+                   help="length-sorted batches, for both sides (default: on for cuda, off for cpu)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode and side")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up steps per mode and side (at least one per distinct batch shape timed)")
+    p.add_argument("--fp32", action="store_true", help="add fp32 rows for both sides")
+    p.add_argument("--compile", choices=("none", "transformers", "both"), default=None,
+                   help="add torch.compile rows (default: transformers on cuda, none on cpu)")
+    p.add_argument("--hf-attn", choices=("auto", "sdpa", "eager"), default="auto",
+                   help="transformers' attention (auto: the fastest on CPU, timed; sdpa on cuda)")
+    p.add_argument("--attention-dropout", type=float, default=None, metavar="P",
+                   help="attention-probability dropout for BOTH sides in training (default: the checkpoint's, "
+                        "0.1); e.g. 0 to time roberta_lite's set_dropout(attention=0.0) recipe fairly")
+    p.add_argument("--no-transformers", action="store_true", help="roberta_lite alone")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write results here (atomically)")
+    p.add_argument("--quiet", action="store_true", help="only the table")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.batch < 1 or a.length < 2 or a.warmup < 0:
+        p.error("--steps and --batch must be >= 1, --length >= 2, --warmup >= 0")
+    if a.attention_dropout is not None and not 0.0 <= a.attention_dropout < 1.0:
+        p.error("--attention-dropout must be in [0, 1)")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    return a
+
+
+def write_json(path: Path, data: dict):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    sort = a.sort if a.sort is not None else device.type == "cuda"
+    compile_rows = a.compile or ("transformers" if device.type == "cuda" else "none")
+    modes = ["train", "infer"] if a.mode == "both" else [a.mode]
+    notes: list[str] = []
+    load_start = _loadavg()
+    if load_start is not None and device.type == "cpu" and load_start > 0.5:
+        notes.append(f"1-min load average {load_start:.1f} at start on {os.cpu_count()} cores: other processes "
+                     f"share the CPU; absolute numbers are pessimistic, the alternating ratio less affected")
+        if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            notes.append("on a shared CPU, OpenMP's spin-waiting threads can make every step several times slower: "
+                         "run with OMP_WAIT_POLICY=PASSIVE in the environment, or --threads 1")
+
+    have_hf = not a.no_transformers
+    if have_hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            have_hf = False
+            notes.append("transformers is not installed: roberta_lite alone")
+    elif a.no_transformers:
+        notes.append("--no-transformers: roberta_lite alone")
+    for n in notes:
+        log(f"note: {n}")
+
+    with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
+        t0 = time.perf_counter()
+        if a.checkpoint is not None:
+            ckpt = a.checkpoint
+            cfg = json.loads((ckpt / "config.json").read_text())
+        else:
+            ckpt = Path(tmp) / "ckpt"
+            cfg = write_checkpoint(ckpt, a.config, a.seed) if have_hf else _write_checkpoint_plain(
+                ckpt, {**COMMON, **CONFIGS[a.config]})
+        log(f"checkpoint: {ckpt if a.checkpoint else 'random ' + a.config} ({time.perf_counter() - t0:.1f}s)")
+        max_len = cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1
+        batches = make_batches(a.lengths, a.steps, a.batch, a.length, cfg["vocab_size"], max_len, sort, a.seed + 1,
+                               device)
+
+        lite = load_lite(ckpt, torch.bfloat16, device, a.seed, a.attention_dropout)
+        opt, opt_kind = make_optimizer(trainable(lite), device)
+        lite_recipe = ("Model.from_pretrained(dtype=torch.bfloat16): bf16 base, fp32 adapters/head, no autocast; "
+                       f"AdamW {opt_kind}")
+        contenders = [Contender("roberta_lite bf16", "roberta_lite", lite_recipe, lite, _lite_call(lite), opt=opt)]
+        hf_recipes, attn_choice, attn_timings = {}, {}, {}
+        if have_hf:
+            probe_batch = max(batches, key=lambda b: b.shape[1])
+            if a.hf_attn == "auto":
+                log("probing transformers' attention implementations ...")
+                attn_choice, attn_timings = pick_attention(ckpt, lite, device, modes, probe_batch, log,
+                                                           a.attention_dropout)
+            else:
+                attn_choice = {m: a.hf_attn for m in modes}
+        # one transformers model per attention implementation chosen; its rows differ in autocast/compile only
+        hf_models: dict[str, nn.Module] = {}
+        parity = {}
+        rows_by_mode: dict[str, list[Contender]] = {}
+        for mode in modes:
+            rows = [contenders[0]]
+            if have_hf:
+                impl = attn_choice[mode]
+                if impl not in hf_models:
+                    hf_models[impl] = load_hf(ckpt, lite, device, impl, a.attention_dropout)
+                hf = hf_models[impl]
+                hopt, _ = make_optimizer(trainable(hf), device)
+                extra = ", length-sorted batches" if sort else ""
+                hf_recipes[mode] = (f"RobertaForSequenceClassification fp32 weights + torch.autocast({device.type!r}, "
+                             f"dtype=torch.bfloat16), attn_implementation={impl!r}{extra}; AdamW {opt_kind}")
+                rows.append(Contender(f"transformers bf16-autocast {impl}", "transformers", hf_recipes[mode], hf,
+                                      _hf_call(hf), autocast=torch.bfloat16, opt=hopt))
+            rows_by_mode[mode] = rows
+        if a.fp32:
+            lite32 = load_lite(ckpt, torch.float32, device, a.seed, a.attention_dropout)
+            copy_adapters(lite, lite32)
+            o32, _ = make_optimizer(trainable(lite32), device)
+            row = Contender("roberta_lite fp32", "roberta_lite", f"Model.from_pretrained(dtype=torch.float32); "
+                            f"AdamW {opt_kind}", lite32, _lite_call(lite32), precision="fp32", opt=o32)
+            for mode in modes:
+                rows_by_mode[mode].append(row)
+                if have_hf:
+                    impl = attn_choice[mode]
+                    hf = hf_models[impl]
+                    o, _ = make_optimizer(trainable(hf), device)
+                    rows_by_mode[mode].append(Contender(
+                        f"transformers fp32 {impl}", "transformers",
+                        f"RobertaForSequenceClassification fp32, no autocast, attn_implementation={impl!r}; "
+                        f"AdamW {opt_kind}", hf, _hf_call(hf), precision="fp32", opt=o))
+        if compile_rows != "none":
+            compiled_lite = None
+            for mode in modes:
+                if compile_rows == "both":
+                    if compiled_lite is None:
+                        compiled_lite = torch.compile(lite)
+                    o, _ = make_optimizer(trainable(lite), device)
+                    rows_by_mode[mode].append(Contender("roberta_lite bf16 +compile", "roberta_lite",
+                                                        lite_recipe + " + torch.compile", lite,
+                                                        _lite_call(compiled_lite), compiled=True, opt=o))
+                if have_hf:
+                    impl = attn_choice[mode]
+                    hf = hf_models[impl]
+                    o, _ = make_optimizer(trainable(hf), device)
+                    chf = torch.compile(hf)
+                    rows_by_mode[mode].append(Contender(
+                        f"transformers bf16-autocast {impl} +compile", "transformers",
+                        f"{rows_by_mode[mode][1].recipe} + torch.compile", hf, _hf_call(chf),
+                        autocast=torch.bfloat16, compiled=True, opt=o))
+
+        # parity: the two sides compute the same function (eval mode, first batch)
+        if have_hf:
+            b = batches[0]
+            with torch.inference_mode():
+                for m in {id(r.model): r.model for rows in rows_by_mode.values() for r in rows}.values():
+                    m.eval()
+                first = rows_by_mode[modes[0]]
+                ref = {}
+                for r in first:
+                    if r.compiled:
+                        continue
+                    with r.autocast_ctx(device):
+                        ref[r.label] = r.call(b.ids, b.mask).float()
+                lite_bf16 = ref["roberta_lite bf16"]
+                for label, out in ref.items():
+                    if label.startswith("transformers"):
+                        twin = "roberta_lite fp32" if "fp32" in label else "roberta_lite bf16"
+                        if twin in ref:
+                            parity[f"{twin} vs {label}"] = float((ref[twin] - out).abs().max())
+                parity["max |logit| (scale)"] = float(lite_bf16.abs().max())
+            log("parity (eval, batch 0, max |logit diff|): " + ", ".join(f"{k}: {v:.2e}" for k, v in parity.items()))
+
+        probe = MemoryProbe(device)
+        results: dict[str, list[dict]] = {}
+        for mode in modes:
+            rows = rows_by_mode[mode]
+            set_mode(rows, mode)
+            # warm-up: every distinct shape once for every row (first sight of a shape is slow), then up to --warmup
+            shapes = {}
+            for b in batches:
+                shapes.setdefault(b.shape, b)
+            warm = list(shapes.values())
+            while len(warm) < a.warmup:
+                warm.append(batches[len(warm) % len(batches)])
+            tw = time.perf_counter()
+            for b in warm:
+                for r in rows:
+                    t = time.perf_counter()
+                    step(r, b, mode, device)
+                    if r.compiled and "compile_s" not in r.memory:
+                        r.memory["compile_s"] = time.perf_counter() - t
+            log(f"{mode}: warm-up {len(warm)} step(s) x {len(rows)} row(s) over {len(shapes)} shape(s) "
+                f"({time.perf_counter() - tw:.1f}s); timing {len(batches)} step(s) ...")
+            times = {r.label: [] for r in rows}
+            for i, b in enumerate(batches):
+                k = i % len(rows)
+                for r in rows[k:] + rows[:k]:  # rotate who goes first
+                    times[r.label].append(timed(r, b, mode, device))
+            mem = {}
+            for r in rows:  # one extra, untimed step each for memory
+                probe.before()
+                step(r, batches[0], mode, device)
+                mem[r.label] = probe.after()
+            out = []
+            for r in rows:
+                ts = times[r.label]
+                tps = [b.real_tokens / t for b, t in zip(batches, ts)]
+                fl = [flops(cfg, b.shape[0], b.shape[1], mode == "train") / t for b, t in zip(batches, ts)]
+                out.append({
+                    "label": r.label, "side": r.side, "precision": r.precision, "compiled": r.compiled,
+                    "recipe": r.recipe,
+                    # one shape: real tokens / median step time; a length mix: median of the per-step rates
+                    "tokens_per_s": (batches[0].real_tokens / statistics.median(ts)
+                                     if len({b.real_tokens for b in batches}) == 1 else statistics.median(tps)),
+                    "tokens_per_s_total": sum(b.real_tokens for b in batches) / sum(ts),
+                    "step_ms_median": statistics.median(ts) * 1e3,
+                    "step_ms": [t * 1e3 for t in ts],
+                    "tflops": statistics.median(fl) / 1e12,
+                    "peak_mem_mb": mem[r.label][0] / 2**20,
+                    "step_mem_mb": mem[r.label][1] / 2**20,
+                    **({"compile_and_first_step_s": r.memory["compile_s"]} if "compile_s" in r.memory else {}),
+                })
+            ref = next((o for o in out if o["side"] == "transformers" and o["precision"] == "bf16"
+                        and not o["compiled"]), None)
+            for o in out:
+                o["x_vs_transformers_bf16"] = o["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+            results[mode] = out
+
+    load_end = _loadavg()
+    real = sum(b.real_tokens for b in batches)
+    padded = sum(b.shape[0] * b.shape[1] for b in batches)
+    data = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or
+        platform.machine(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers") if have_hf else None,
+        "threads": torch.get_num_threads(),
+        "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD")
+                    if k in os.environ},
+        "config": a.config if a.checkpoint is None else str(a.checkpoint),
+        "batch": a.batch, "lengths": a.lengths, "length": a.length if a.lengths == "fixed" else None,
+        "sorted_batches": sort, "steps": a.steps, "warmup": a.warmup,
+        "real_tokens_per_batch_mean": real / len(batches), "padding_fraction": 1 - real / padded,
+        "adapter": ADAPTER.to_dict(),
+        "dropout": {"hidden": cfg.get("hidden_dropout_prob", 0.1),
+                    "attention": a.attention_dropout if a.attention_dropout is not None
+                    else cfg.get("attention_probs_dropout_prob", 0.1)},
+        "transformers_recipe": (next(iter(hf_recipes.values())) if len(set(hf_recipes.values())) == 1 else
+                                "; ".join(f"{m}: {r}" for m, r in hf_recipes.items())) if hf_recipes else None,
+        "transformers_recipe_by_mode": hf_recipes, "transformers_attention": attn_choice,
+        "loadavg_1min": {"start": load_start, "end": load_end},
+        "attention_probe_ms": {m: {k: v * 1e3 for k, v in t.items()} for m, t in attn_timings.items()},
+        "memory_method": probe.method, "parity_max_abs_diff": parity,
+        "flop_model": "padded-batch matmul FLOPs; forward 2*weights*tokens + 4*T^2*C per layer per sequence; "
+                      "train = forward + input-grad backward (attention core 2x, none for layer 0's attention "
+                      "block) + adapter/head weight grads",
+        "results": results,
+        "ratio": {m: _ratio(r) for m, r in results.items()},
+        "notes": notes,
+    }
+    print(format_table(data))
+    if a.json:
+        write_json(a.json, data)
+        log(f"wrote {a.json}")
+    return data
+
+
+def _ratio(rows: list[dict]) -> float | None:
+    lite = next((o for o in rows if o["label"] == "roberta_lite bf16"), None)
+    hf = next((o for o in rows if o["side"] == "transformers" and o["precision"] == "bf16" and not o["compiled"]),
+              None)
+    return lite["tokens_per_s"] / hf["tokens_per_s"] if lite and hf else None
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def format_table(d: dict) -> str:
+    shape = f"{d['batch']} x {d['length']}" if d["lengths"] == "fixed" else \
+        f"{d['batch']} x imdb-mix (mean {d['real_tokens_per_batch_mean'] / d['batch']:.0f} real tokens/seq, " \
+        f"{100 * d['padding_fraction']:.0f}% padding{', sorted' if d['sorted_batches'] else ''})"
+    lines = [f"roberta_lite bench: {d['config']} on {d['device']} ({d['device_name']}, {d['threads']} threads), "
+             f"batch {shape}, dropout {d['dropout']['hidden']:g} / attention {d['dropout']['attention']:g}, "
+             f"{d['steps']} timed steps, medians",
+             f"{'mode':<6} {'row':<40} {'tok/s':>9} {'ms/step':>9} {'x HF bf16':>9} {'TFLOP/s':>8} "
+             f"{'step MiB':>9} {'peak MiB':>9}"]
+    for mode, rows in d["results"].items():
+        for o in rows:
+            x = f"{o['x_vs_transformers_bf16']:.2f}x" if o["x_vs_transformers_bf16"] else "-"
+            lines.append(f"{mode:<6} {o['label']:<40} {o['tokens_per_s']:>9,.0f} {o['step_ms_median']:>9,.1f} "
+                         f"{x:>9} {o['tflops']:>8.3f} {o['step_mem_mb']:>9,.0f} {o['peak_mem_mb']:>9,.0f}")
+    lines.append(f"memory: {d['memory_method']}; 'step' = peak above what was held before one step, "
+                 f"'peak' = whole process (both sides' models)")
+    if d["transformers_recipe"]:
+        lines.append(f"transformers recipe: {d['transformers_recipe']}")
+    for n in d["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
