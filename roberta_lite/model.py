@@ -220,16 +220,32 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, first_only: bool = False) -> torch.Tensor:
         B, T, C = x.shape
         H = self.num_heads
         q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, C/H)
+        if first_only:  # only <s> asks; every token still answers (keys and values)
+            q = q[:, :, :1]  # (B, H, 1, C/H)
         # mask: (B, 1, 1, T) bool, True where the key is a real token. Softmax scale is 1/sqrt(head size).
-        # Dropout on the attention probabilities forces PyTorch's CPU attention off its fused kernel onto the
-        # slow math path (a (B, H, T, T) mask per layer); see Model.set_dropout for why adapter training skips it.
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, C/H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        if self.training and x.device.type == "cpu":
+            y = attention_explicit(q, k, v, mask, self.dropout)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Tq, C/H)
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C))  # (B, Tq, C)
+
+
+def attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, written out: what scaled_dot_product_attention computes.
+
+    Used for training on CPU, where it beats PyTorch's fused kernel: that kernel's backward is about twice as slow
+    as these three ops', and with attention dropout PyTorch abandons it anyway for an unfused float32 path."""
+    att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Tq, T)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))  # padding keys get zero weight
+    att = dropout(F.softmax(att, dim=-1), p, training=True)
+    return att @ v  # (B, H, Tq, C/H)
 
 
 class FeedForward(nn.Module):
@@ -257,11 +273,14 @@ class Layer(nn.Module):
         self.attn_adapter: Adapter | None = None
         self.ffn_adapter: Adapter | None = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, first_only: bool = False) -> torch.Tensor:
+        """first_only: compute the output for the first token (<s>) alone, for the classifier's last layer."""
         # x, the residual stream, is float32 even when the matmul weights are bf16: a bf16 stream would round
         # every residual add and triple the error (as autocast does, sums and LayerNorms stay float32).
         compute = self.ffn.up.weight.dtype
-        h = dropout(self.attn(x.to(compute), mask), self.dropout, self.training)
+        h = dropout(self.attn(x.to(compute), mask, first_only), self.dropout, self.training)
+        if first_only:
+            x = x[:, :1]  # (B, 1, C)
         if self.attn_adapter is not None:
             h = self.attn_adapter(h, x, self.attn_norm)
         x = self.attn_norm(x + h)  # post-LayerNorm: normalise after the residual add
@@ -351,16 +370,22 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ forward passes
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C), equal to transformers' RobertaModel(...).last_hidden_state."""
-        mask = self._check_inputs(input_ids, attention_mask)
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        """Final hidden states (B, T, C), float32, equal to transformers' RobertaModel(...).last_hidden_state."""
+        return self._encode(input_ids, attention_mask, first_only=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Classification logits (B, num_labels), float32."""
-        return self.head(self.encode(input_ids, attention_mask))
+        # The head reads <s> alone, so the last layer computes only <s>'s row: its attention still reads every
+        # token, but the other T-1 rows of the last attention output, FFN and adapters would be thrown away.
+        return self.head(self._encode(input_ids, attention_mask, first_only=True))
+
+    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, first_only: bool) -> torch.Tensor:
+        mask = self._check_inputs(ids, attention_mask)
+        x = self.embed(ids)  # (B, T, C)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, first_only=first_only and i == last)
+        return x  # (B, T, C), or (B, 1, C) with first_only
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked-LM logits (B, T, vocab) over every position."""

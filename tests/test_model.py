@@ -47,3 +47,37 @@ def test_training_mode_is_stochastic_and_eval_is_not():
         assert not torch.equal(model(ids), model(ids))
         model.eval()
         assert torch.equal(model(ids), model(ids))
+
+
+def test_training_attention_path_equals_fused_kernel():
+    """Training on CPU writes attention out (softmax(qk^T)v); with dropout off it must equal eval's fused SDPA."""
+    torch.manual_seed(0)
+    model = Model(Config(num_layers=2, hidden_size=32, num_heads=4, ffn_size=64, vocab_size=50), adapter="pfeiffer")
+    model.set_dropout(hidden=0.0, attention=0.0)
+    model.head.dropout = 0.0
+    ids = torch.randint(3, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:], mask[2, :3] = 0, 0
+    ids[mask == 0] = model.config.pad_id
+    with torch.no_grad():
+        model.train()
+        trained = model.encode(ids, mask), model(ids, mask)
+        model.eval()
+        fused = model.encode(ids, mask), model(ids, mask)
+    for a, b in zip(trained, fused):
+        assert (a - b)[..., :].abs().max().item() < 1e-5
+
+
+def test_classifier_computes_only_first_row_in_last_layer():
+    """forward() skips the last layer's rows other than <s>; the logits must not change."""
+    torch.manual_seed(0)
+    model = Model(Config(num_layers=3, hidden_size=32, num_heads=4, ffn_size=64, vocab_size=50), adapter="houlsby")
+    model.eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "up" in n:
+                p.normal_()
+    ids = torch.randint(3, 50, (2, 7))
+    with torch.no_grad():
+        full = model.head(model.encode(ids))
+        assert torch.allclose(model(ids), full, atol=1e-6)
