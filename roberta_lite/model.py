@@ -148,9 +148,10 @@ class AdapterConfig:
 class _CheapDropout(torch.autograd.Function):
     """Dropout with a mask built from 16 random bits per element, drawn 64 at a time.
 
-    PyTorch's CPU dropout draws one random float per element (`bernoulli_`), which costs more than the matmul it
-    follows at this size; drawing a quarter as many int64s and comparing their 16-bit pieces against a threshold
-    is ~3x cheaper, keeps p exact to 1/65536, and stores a 1-byte mask instead of a full-size one for backward."""
+    PyTorch's CPU dropout draws one random float per element (`bernoulli_`): on a (8, 256, 768) bf16 tensor that
+    is ~10 ms on one core, about a sixth of the matmul before it. Drawing a quarter as many int64s and comparing
+    their 16-bit pieces with a threshold takes ~4 ms, keeps p exact to 1/65536, and keeps a 1-byte mask for the
+    backward instead of a full-size one."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
