@@ -169,7 +169,7 @@ def resolve_checkpoint(name_or_path: str | Path, *, what: str = "model", local_d
     except Exception as e:  # offline, unknown repo, bad token: the library's own exception types vary by version
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"{what} {s!r}: not a local directory, and fetching it from the Hugging Face Hub "
-                                f"failed ({reason})") from None
+                                f"failed ({reason}); offline, give a local checkpoint directory instead") from None
 
 
 def read_config(root: Path) -> dict:
