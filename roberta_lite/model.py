@@ -13,7 +13,8 @@ Transformer arrangement; GPT-2 and later models moved the norm before the sublay
         ├─► up (C→4C) ─► GELU ─► down (4C→C) ─► dropout ─► [adapter] ─►(+)─► LayerNorm ─► x
 
 A bottleneck adapter (Houlsby et al. 2019) is a tiny residual MLP, C → C/r → C, trained while the whole
-pretrained model stays frozen: ~1% of the parameters learn a new task and the base is shared between tasks.
+pretrained model stays frozen: ~1.4% of the parameters (Houlsby, r=16, roberta-base) learn a new task, and one
+copy of the base serves every task.
     Houlsby:  adapters in both places above, reading the sublayer's output h:   x ← LN(x + h + A(h))
     Pfeiffer: one adapter after the FFN only, reading the normalised sum:       x ← LN(x + h + A(LN(x + h)))
               (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig)
