@@ -52,7 +52,7 @@ from tqdm import tqdm
 from roberta_lite import AdapterConfig, CheckpointError, Config, Model, Tokenizer
 from roberta_lite import data as D
 from roberta_lite import weights as W
-from roberta_lite.predict import resolve_base, select_device, select_dtype
+from roberta_lite.predict import limit_heap_growth, resolve_base, select_device, select_dtype
 
 CHECKPOINT_FORMAT = "roberta_lite.train-checkpoint/1"
 # Flags that only steer this invocation; every other flag defines the training run and must match on --resume.
@@ -763,6 +763,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run training; user errors become one `error: ...` line on stderr (exit 2 for arguments, 1 otherwise)."""
+    limit_heap_growth()
     rank = int(os.environ.get("RANK", "0"))
     prefix = "error: " if rank == 0 else f"error (rank {rank}): "
     try:
