@@ -86,15 +86,15 @@ class Config:
             if key not in d:
                 raise ValueError(f"{source}: required key {key!r} is missing")
         kw = {}
+        types = {f.name: f.type for f in fields(cls)}  # "int", "float", "float | None" (annotations are strings)
         for hf_key, name in cls.HF_KEYS.items():
-            if hf_key in d:
-                v = d[hf_key]
-                want = {f.name: f.type for f in fields(cls)}[name]
-                ok = (v is None and "None" in want) or (
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and ("float" in want or isinstance(v, int)))
-                if not ok:
-                    raise ValueError(f"{source}: {hf_key}={v!r} is not a valid {want}")
-                kw[name] = v
+            if hf_key not in d:
+                continue
+            v, want = d[hf_key], types[name]
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ((number and (isinstance(v, int) or "float" in want)) or (v is None and "None" in want)):
+                raise ValueError(f"{source}: {hf_key}={v!r} is not a valid {want}")
+            kw[name] = v
         cfg = cls(**kw)
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by "
