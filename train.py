@@ -414,12 +414,12 @@ def trainable_state(model: Model) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
-@torch.inference_mode()
 def _fused_if_supported(device: torch.device) -> dict:
     """AdamW's fused kernel: one pass over all parameters instead of a dozen small ops per tensor."""
     return {"fused": True} if device.type in ("cuda", "cpu") else {}
 
 
+@torch.inference_mode()
 def evaluate(model: Model, seqs: list[np.ndarray], labels: list[int], *, batch_size: int, pad_id: int,
              device: torch.device, rank: int, world: int, desc: str) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over every example; length-sorted batches, split across ranks."""
