@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from roberta_lite import AdapterConfig, CheckpointError, Config, Model, Tokenizer
+from roberta_lite import adapters as A
 from roberta_lite import data as D
 from roberta_lite import weights as W
 from roberta_lite.predict import limit_heap_growth, resolve_base, select_device, select_dtype
@@ -122,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="roberta-base", help="base checkpoint: a local directory or a Hugging Face "
                    "hub id (downloaded into weights/<id>/ and reused offline)")
-    g.add_argument("--adapter", choices=AdapterConfig.KINDS, default="houlsby",
+    g.add_argument("--adapter", choices=A.BOTTLENECK_KINDS, default="houlsby",
                    help="houlsby: adapters after attention and FFN; pfeiffer: after the FFN only")
     g.add_argument("--reduction-factor", type=_int_at_least(1), default=16,
                    help="adapter bottleneck = hidden size / this")
-    g.add_argument("--activation", choices=sorted(AdapterConfig.ACTIVATIONS),
+    g.add_argument("--activation", choices=sorted(A.ACTIVATIONS),
                    help="adapter non-linearity (default: swish for houlsby, relu for pfeiffer, as AdapterHub)")
     g.add_argument("--dropout", type=_float_in(0, 1, hi_open=True),
                    help="hidden-state dropout (default: the checkpoint's, 0.1 for roberta-base)")

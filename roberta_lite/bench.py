@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from roberta_lite.adapters import adapter_tensors
 from roberta_lite.model import AdapterConfig, Model
 
 CONFIGS = {
@@ -339,11 +340,10 @@ def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int,
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # non-zero up-projections, so the adapters do something and the parity check means something
         for layer in m.layers:
-            for a in (layer.attn_adapter, layer.ffn_adapter):
-                if a is not None:
-                    for lin in (a.down, a.up):
-                        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
-                        lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.02)
+            for a in (slot["default"] for slot in (layer.attn_adapter, layer.ffn_adapter) if "default" in slot):
+                for lin in (a.down, a.up):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
+                    lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.02)
     m.freeze_base()
     return m
 
@@ -362,7 +362,8 @@ def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropo
     C = hf.config.hidden_size
     r = C // ADAPTER.reduction_factor
     for layer, ours in zip(hf.roberta.encoder.layer, lite.layers):
-        for parent, a in ((layer.attention.output, ours.attn_adapter), (layer.output, ours.ffn_adapter)):
+        for parent, a in ((layer.attention.output, ours.attn_adapter["default"]),
+                          (layer.output, ours.ffn_adapter["default"])):
             wrapped = HoulsbyAfterDropout(parent.dropout, C, r)
             with torch.no_grad():
                 for mine, theirs in ((wrapped.down, a.down), (wrapped.up, a.up)):
@@ -370,7 +371,8 @@ def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropo
                     mine.bias.copy_(theirs.bias.float())
             parent.dropout = wrapped
     with torch.no_grad():  # the same head too (a checkpoint without a classifier gets a fresh one on each side)
-        for mine, theirs in ((hf.classifier.dense, lite.head.dense), (hf.classifier.out_proj, lite.head.out)):
+        for mine, theirs in ((hf.classifier.dense, lite.active_head.dense),
+                             (hf.classifier.out_proj, lite.active_head.out)):
             mine.weight.copy_(theirs.weight.float())
             mine.bias.copy_(theirs.bias.float())
     hf.requires_grad_(False)
@@ -381,10 +383,9 @@ def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropo
 
 def copy_adapters(src: Model, dst: Model):
     with torch.no_grad():
-        d = dict(dst.named_parameters())
-        for name, p in src.named_parameters():
-            if src.is_trainable_name(name):
-                d[name].copy_(p.float())
+        d = dict(adapter_tensors(dst, dst.active_adapter))
+        for name, t in src.adapter_state_dict().items():
+            d[name].copy_(t)
 
 
 def trainable(m: nn.Module) -> list[nn.Parameter]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from roberta_lite.formats.native import read_meta
 from roberta_lite.model import Model
 from roberta_lite.tokenizer import Tokenizer
 from roberta_lite.weights import CheckpointError, resolve_checkpoint
@@ -146,7 +147,7 @@ class Predictor:
 
     def __init__(self, adapter: str | os.PathLike, *, model: str | None = None, device: str = "auto",
                  precision: str = "auto", max_length: int | None = None):
-        meta = Model.read_adapter_config(adapter)
+        meta = read_meta(adapter)
         base = model or meta.get("base_model")
         if not base:
             raise CheckpointError(f"{Path(adapter) / 'adapter_config.json'}: no base_model recorded; pass --model")

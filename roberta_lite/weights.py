@@ -7,14 +7,20 @@ error, never silently skipped. Only safetensors files are read (memory-mapped); 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import time
+from dataclasses import fields
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:  # model.py imports this module
+    from roberta_lite.model import Model
 
 
 class CheckpointError(ValueError):
@@ -63,6 +69,18 @@ HF_TO_OURS: dict[str, str | tuple[str, int] | None] = {
     "classifier.out_proj.weight": "head.out.weight",
     "classifier.out_proj.bias": "head.out.bias",
 }
+
+# transformers' config.json key -> our Config field. Everything architectural comes from the checkpoint.
+HF_CONFIG_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "intermediate_size": "ffn_size",
+    "max_position_embeddings": "max_positions", "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps", "pad_token_id": "pad_id", "hidden_dropout_prob": "dropout",
+    "attention_probs_dropout_prob": "attention_dropout", "classifier_dropout": "classifier_dropout",
+    "initializer_range": "initializer_range",
+}
+HF_CONFIG_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "max_position_embeddings", "pad_token_id")
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -140,6 +158,44 @@ def _check(hf_key: str, ours: str, shape: torch.Size, expected: Mapping[str, tor
                               f"but config.json gives {ours!r} the shape {tuple(expected[ours])}")
 
 
+def config_fields(d: dict, source: str, config_cls: type) -> dict:
+    """Our Config's fields from a transformers config.json dict, every value type-checked."""
+    model_type = d.get("model_type")
+    if model_type != "roberta":
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported (only 'roberta')")
+    act = d.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{source}: hidden_act {act!r} is not supported (RoBERTa uses exact 'gelu')")
+    for key in HF_CONFIG_REQUIRED:
+        if key not in d:
+            raise ValueError(f"{source}: required key {key!r} is missing")
+    kw = {}
+    types = {f.name: f.type for f in fields(config_cls)}  # "int", "float", "float | None" (annotations are strings)
+    for hf_key, name in HF_CONFIG_KEYS.items():
+        if hf_key not in d:
+            continue
+        v, want = d[hf_key], types[name]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ((number and (isinstance(v, int) or "float" in want)) or (v is None and "None" in want)):
+            raise ValueError(f"{source}: {hf_key}={v!r} is not a valid {want}")
+        kw[name] = v
+    if kw["hidden_size"] % kw["num_heads"]:
+        raise ValueError(f"{source}: hidden_size {kw['hidden_size']} is not divisible by "
+                         f"num_attention_heads {kw['num_heads']}")
+    return kw
+
+
+def hf_names(ours: list[str]) -> list[str]:
+    """Our key -> the Hugging Face key it comes from, for error messages (first matching template)."""
+    out = []
+    for key in ours:
+        layer = next((p for p in key.split(".") if p.isdigit()), None)
+        template = key.replace(f".{layer}.", ".{}.") if layer else key
+        hf = next((h for h, o in HF_TO_OURS.items() if o == template or (isinstance(o, tuple) and o[0] == template)), key)
+        out.append(hf.format(layer) if layer else hf)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- reading files
 
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "*.safetensors",
@@ -151,7 +207,8 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or "\\" in s
 
 
-def resolve_checkpoint(name_or_path: str | Path, *, what: str = "model", local_dir: str | Path | None = None) -> Path:
+def resolve_checkpoint(name_or_path: str | Path, *, what: str = "model", local_dir: str | Path | None = None,
+                       patterns: list[str] = HUB_FILES) -> Path:
     """A local directory as it is, or a hub id (`roberta-base`, `FacebookAI/roberta-base`) fetched into the
     Hugging Face cache (or `local_dir`). HF_HUB_OFFLINE=1 is honoured: then only what is cached is used."""
     p = Path(name_or_path).expanduser()
@@ -165,7 +222,7 @@ def resolve_checkpoint(name_or_path: str | Path, *, what: str = "model", local_d
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=s, allow_patterns=HUB_FILES, local_dir=local_dir))
+        return Path(snapshot_download(repo_id=s, allow_patterns=patterns, local_dir=local_dir))
     except Exception as e:  # offline, unknown repo, bad token: the library's own exception types vary by version
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"{what} {s!r}: not a local directory, and fetching it from the Hugging Face Hub "
@@ -244,3 +301,82 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- building a model
+
+def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_labels: int | None = None,
+                    adapter=None, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
+                    local_dir: str | os.PathLike | None = None, verbose: bool = False) -> "Model":
+    """Load a RoBERTa checkpoint saved by transformers (RobertaModel, ...ForMaskedLM, ...ForSequenceClassification).
+
+    name_or_path: a directory with config.json + model.safetensors (or a sharded index), or a hub id.
+    num_labels:   defaults to the checkpoint's own classifier, else 2; a different number gets a fresh head.
+    adapter:      'houlsby', 'pfeiffer', 'lora' or an AdapterConfig: a fresh adapter named "default".
+    dtype:        the frozen base's precision (torch.bfloat16 is the fast path); adapters and heads stay float32.
+    The model is built on the meta device (no memory, no random init) and filled straight from the file.
+    """
+    from roberta_lite import kernels as K
+    from roberta_lite.model import Config
+
+    t0 = time.perf_counter()
+    root = resolve_checkpoint(name_or_path, local_dir=local_dir)
+    hf_cfg = read_config(root)
+    config = Config.from_hf(hf_cfg, source=str(root / "config.json"))
+    ckpt = SafetensorsCheckpoint(root)
+    keys = ckpt.keys()
+    templates = {to_template(k)[0] for k in keys}
+    has_mlm = "lm_head.dense.weight" in templates
+    ckpt_labels = ckpt.shape(next(k for k in keys if k.endswith("classifier.out_proj.weight")))[0] \
+        if "classifier.out_proj.weight" in templates else None
+    if num_labels is None:
+        num_labels = ckpt_labels or 2
+    keep_head = ckpt_labels == num_labels
+
+    with torch.device("meta"):
+        model = cls(config, num_labels=num_labels, mlm_head=has_mlm)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    hf_tensors = {k: ckpt.get(k) for k in keys if keep_head or not to_template(k)[0].startswith("classifier.")}
+    ours = convert(hf_tensors, expected, source=str(root))
+    required = [k for k in expected if not (k.startswith("head.") and not keep_head)]
+    missing = [k for k in required if k not in ours]
+    if missing:
+        raise CheckpointError(f"{root}: tensor {hf_names(missing)[0]!r} (our {missing[0]!r}) is missing"
+                              + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    state = {k: v.to(dtype=K.param_dtype(k, dtype or torch.float32, k.startswith("head."))) for k, v in ours.items()}
+    model.load_state_dict(state, strict=False, assign=True)  # strictness checked above, with better messages
+    fresh = [n for n, p in model.named_parameters() if p.is_meta]
+    for module in model.modules():  # materialise and initialise what the file did not provide
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model.init_fresh(module)
+    if device is not None:
+        model.to(device)
+    if hf_cfg.get("id2label") and keep_head:
+        id2label = hf_cfg["id2label"]
+        model.head.labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
+    model.name_or_path = str(name_or_path)
+    if adapter is not None:
+        model.add_adapter("default", adapter)
+    model.load_report = {"fresh": fresh, "seconds": time.perf_counter() - t0}
+    if verbose and fresh:
+        print(f"roberta_lite: freshly initialised (not in checkpoint): {', '.join(fresh)}")
+    return model.eval()
+
+
+def fingerprint(model: "Model") -> str:
+    """Identifies the frozen base weights, whatever their dtype: a hash of names, shapes and a strided sample of
+    each tensor rounded to bf16 (so a bf16-loaded base has the fingerprint of its fp32 original). Adapters and
+    heads are left out."""
+    from roberta_lite import adapters as A
+
+    base = A.is_base(model)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not base.get(name, True):
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).float()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from checkpoints import TINY, save_hf
 from roberta_lite import AdapterConfig, Config, Model
+from roberta_lite.formats.native import read_meta
 
 from test_parity import TOL, batch, max_diff
 
@@ -44,9 +45,9 @@ def test_slots_per_kind(ckpt):
     d, _ = ckpt
     h = Model.from_pretrained(d, adapter="houlsby")
     p = Model.from_pretrained(d, adapter=AdapterConfig(kind="pfeiffer", reduction_factor=8, activation="gelu"))
-    assert all(l.attn_adapter is not None and l.ffn_adapter is not None for l in h.layers)
-    assert all(l.attn_adapter is None and l.ffn_adapter is not None for l in p.layers)
-    assert p.layers[0].ffn_adapter.down.out_features == TINY["hidden_size"] // 8
+    assert all("default" in l.attn_adapter and "default" in l.ffn_adapter for l in h.layers)
+    assert all("default" not in l.attn_adapter and "default" in l.ffn_adapter for l in p.layers)
+    assert p.layers[0].ffn_adapter["default"].down.out_features == TINY["hidden_size"] // 8
 
 
 class HFAdapter(nn.Module):
@@ -79,8 +80,8 @@ def test_houlsby_placement_matches_reference(ckpt):
     import copy
     ref = copy.deepcopy(hf)
     for layer, mine in zip(ref.roberta.encoder.layer, ours.layers):
-        layer.attention.output.dense = Plus(layer.attention.output.dense, HFAdapter(mine.attn_adapter))
-        layer.output.dense = Plus(layer.output.dense, HFAdapter(mine.ffn_adapter))
+        layer.attention.output.dense = Plus(layer.attention.output.dense, HFAdapter(mine.attn_adapter["default"]))
+        layer.output.dense = Plus(layer.output.dense, HFAdapter(mine.ffn_adapter["default"]))
     ids, mask = batch(TINY["vocab_size"], 1)
     with torch.no_grad():
         diff = max_diff(ref(input_ids=ids, attention_mask=mask).logits, ours(ids, mask), mask)
@@ -98,7 +99,7 @@ def test_pfeiffer_placement_matches_reference(ckpt):
     import copy
     ref = copy.deepcopy(hf)
     for layer, mine in zip(ref.roberta.encoder.layer, ours.layers):
-        adapter = HFAdapter(mine.ffn_adapter)
+        adapter = HFAdapter(mine.ffn_adapter["default"])
 
         def forward(self, hidden_states, input_tensor, adapter=adapter):
             h = self.dropout(self.dense(hidden_states))
@@ -116,9 +117,9 @@ def test_freeze_base_trains_only_adapters_and_head(ckpt):
     model = Model.from_pretrained(d, adapter="houlsby")
     summary = model.freeze_base()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("head.") or "_adapter." in n for n in trainable)
+    assert trainable and all(n.startswith("heads.default.") or "_adapter.default." in n for n in trainable)
     assert any("attn_adapter" in n for n in trainable) and any("ffn_adapter" in n for n in trainable)
-    assert {"head.dense.weight", "head.out.weight"} <= trainable
+    assert {"heads.default.dense.weight", "heads.default.out.weight"} <= trainable
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert summary.startswith(f"trainable params: {n_trainable:,} || all params: ")
 
@@ -146,11 +147,11 @@ def test_save_load_round_trip(ckpt, tmp_path):
     randomize_adapters(model)
     model.set_num_labels(3, ["a", "b", "c"])
     with torch.no_grad():
-        model.head.out.weight.normal_()
+        model.active_head.out.weight.normal_()
     out = tmp_path / "adapter"
     model.save_adapter(out)
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    meta = Model.read_adapter_config(out)
+    meta = read_meta(out)
     assert meta["labels"] == ["a", "b", "c"] and meta["adapter"]["kind"] == "pfeiffer"
     assert meta["base_model"] == str(d) and len(meta["base_fingerprint"]) == 16
 
@@ -178,4 +179,8 @@ def test_adapter_files_are_tiny_next_to_base(tmp_path):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"roberta-base Houlsby rf16: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-    assert 0.005 < trainable / total < 0.02
+    # 12 layers x 2 adapters x (768*48 + 48 + 48*768 + 768) + head (768*768 + 768 + 768*2 + 2)
+    assert trainable == 2_381_186
+    model.add_adapter("pf", AdapterConfig("pfeiffer", reduction_factor=16))
+    model.freeze_base()  # the active adapter (now "pf") alone: 12 x 74,544 + the same head
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 12 * 74_544 + 592_130

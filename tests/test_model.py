@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from roberta_lite import Config, Model
-from roberta_lite.model import dropout
+from roberta_lite.kernels import dropout
 
 
 def test_cheap_dropout_rate_scale_and_gradient():
@@ -54,7 +54,7 @@ def test_training_attention_path_equals_fused_kernel():
     torch.manual_seed(0)
     model = Model(Config(num_layers=2, hidden_size=32, num_heads=4, ffn_size=64, vocab_size=50), adapter="pfeiffer")
     model.set_dropout(hidden=0.0, attention=0.0)
-    model.head.dropout = 0.0
+    model.active_head.dropout = 0.0
     ids = torch.randint(3, 50, (3, 9))
     mask = torch.ones_like(ids)
     mask[1, 5:], mask[2, :3] = 0, 0
@@ -79,5 +79,5 @@ def test_classifier_computes_only_first_row_in_last_layer():
                 p.normal_()
     ids = torch.randint(3, 50, (2, 7))
     with torch.no_grad():
-        full = model.head(model.encode(ids))
+        full = model.active_head(model.encode(ids))
         assert torch.allclose(model(ids), full, atol=1e-6)

@@ -1,0 +1,123 @@
+"""Adapter files: one module per format, each a literal table of key templates plus a short reader and writer.
+
+    native.py      roberta_lite's own (adapter.safetensors + adapter_config.json with "format")
+    adapterhub.py  AdapterHub's `adapters` library (adapter_config.json with a "config" block)
+    peft.py        Hugging Face peft LoRA (adapter_config.json with "peft_type")
+
+Every reader turns its files into an `AdapterFile` whose tensors carry roberta_lite's file keys (the parameter
+names of one adapter with its name taken out, e.g. `layers.3.ffn_adapter.down.weight`, `head.out.weight`); every
+writer takes one. `load` checks the whole file against the model before anything in the model changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from roberta_lite import adapters as A
+from roberta_lite.weights import CheckpointError, resolve_checkpoint
+
+
+@dataclass
+class AdapterFile:
+    name: str | None  # the adapter's name in the file (None: the file has none)
+    config: dict  # AdapterConfig fields
+    tensors: dict[str, torch.Tensor]  # file keys -> float32 tensors
+    num_labels: int | None = None  # head output size; None when the file has no head
+    labels: list[str] | None = None  # label names, in index order
+    task: str = "classification"  # "classification" | "regression" | "multilabel"
+    base: dict = field(default_factory=dict)  # what the file says of its base (model name, fingerprint, sizes)
+    source: Path | None = None  # the weights file, for error messages
+
+
+ADAPTER_HUB_FILES = ["adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin", "head_config.json",
+                     "model_head.safetensors", "pytorch_model_head.bin", "adapter_model.safetensors",
+                     "adapter_model.bin"]
+
+
+def _formats():
+    from roberta_lite.formats import native
+
+    found = [native]
+    for mod in ("adapterhub", "peft"):
+        try:
+            found.append(__import__(f"roberta_lite.formats.{mod}", fromlist=[mod]))
+        except ImportError:  # a format module not written yet
+            continue
+    return {m.FORMAT: m for m in found}
+
+
+def detect(directory: Path):
+    """The format module that reads this directory."""
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'adapter_config.json'}: missing (not an adapter directory)")
+    for fmt in _formats().values():
+        if fmt.detect(directory):
+            return fmt
+    raise CheckpointError(f"{directory / 'adapter_config.json'}: not an adapter file of any known format "
+                          f"({', '.join(_formats())})")
+
+
+def read(source: str | os.PathLike, model) -> AdapterFile:
+    """Read and fully check an adapter (a directory or hub id) against `model`, without changing the model."""
+    d = resolve_checkpoint(source, what="adapter", patterns=ADAPTER_HUB_FILES)
+    f = detect(d).read(d, model.config.hidden_size, model.config.num_layers)
+    where = d / "adapter_config.json"
+    recorded = f.base.get("fingerprint")
+    if recorded is not None and recorded != model.base_fingerprint():
+        raise CheckpointError(
+            f"{d}: adapter was trained on base {f.base.get('model')!r} (fingerprint {recorded}), but this model is "
+            f"{model.name_or_path!r} (fingerprint {model.base_fingerprint()}); load the base it was trained on")
+    try:
+        cfg = A.AdapterConfig.of(f.config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    expected = A.expected_shapes(model, cfg, f.num_labels or 1)
+    if f.num_labels is None:
+        expected = {k: s for k, s in expected.items() if not k.startswith("head.")}
+    missing, unexpected = sorted(set(expected) - set(f.tensors)), sorted(set(f.tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{f.source or d}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]} "
+                              f"for a {cfg.kind} adapter")
+    for k, t in f.tensors.items():
+        if tuple(t.shape) != expected[k]:
+            raise CheckpointError(f"{f.source or d}: tensor {k!r} has shape {tuple(t.shape)}, this model expects "
+                                  f"{expected[k]} (adapter saved for another base?)")
+    f.config = cfg
+    return f
+
+
+def load(model, source: str | os.PathLike, name: str | None = None, replace: bool = False) -> str:
+    """Add the adapter in `source` to `model` under `name` (default: the file's, else "default") and activate it."""
+    f = read(source, model)
+    name = name or f.name or "default"
+    model.add_adapter(name, f.config, num_labels=f.num_labels, labels=f.labels, task=f.task, replace=replace)
+    params = dict(A.adapter_tensors(model, name))
+    with torch.no_grad():
+        for k, t in f.tensors.items():
+            params[k].copy_(t)
+    return name
+
+
+def save(model, directory: str | os.PathLike, name: str | None = None, format: str = "roberta_lite") -> Path:
+    """Write adapter `name` (default: the active one) and its head in `format`."""
+    formats = _formats()
+    if format not in formats:
+        raise ValueError(f"save_adapter: format {format!r}: expected one of {', '.join(formats)}")
+    name = name or model.active_adapter
+    if name is None:
+        raise RuntimeError("save_adapter: this model has no adapter (add one with add_adapter or adapter=...)")
+    if name not in model.adapter_configs:
+        raise KeyError(f"save_adapter: no adapter {name!r} (this model has {', '.join(model.adapter_names)})")
+    head = model.heads[name]
+    f = AdapterFile(name, model.adapter_configs[name].to_dict(),
+                    {k: p.detach().float().contiguous() for k, p in A.adapter_tensors(model, name)},
+                    head.num_labels, list(head.labels), head.task,
+                    {"model": str(model.name_or_path), "fingerprint": model.base_fingerprint()})
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    formats[format].write(d, f, model.config)
+    return d
