@@ -46,7 +46,8 @@ class _Repo:
 
     def info(self, repo_id: str) -> dict:
         siblings = [{"rfilename": n, "size": len(b), "blobId": self.blob[n],
-                     **({"lfs": {"sha256": self.sha256[n], "size": len(b), "pointerSize": 134}} if n.endswith(_LFS) else {})}
+                     **({"lfs": {"sha256": self.sha256[n], "size": len(b), "pointerSize": 134}}
+                        if n.endswith(_LFS) else {})}
                     for n, b in sorted(self.files.items())]
         return {"_id": self.commit[:24], "id": repo_id, "modelId": repo_id, "sha": self.commit, "private": False,
                 "gated": False, "disabled": False, "tags": [], "siblings": siblings}
@@ -130,8 +131,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         if m := _CDN.match(path):
             for repo in hub.repos.values():
                 for name, sha in repo.sha256.items():
-                    if sha == m["sha"]:
-                        return self._file(repo, name, {}, body)
+                    if sha == m["sha"]:  # 1.x follows a same-host redirect with its HEAD: the ETag is read here
+                        return self._file(repo, name, {"ETag": f'"{sha}"'}, body)
         self._error(404, "EntryNotFound", f"{path}: not found", body=body)
 
     def _api(self, repo_id: str, kind: str | None, rev: str, body: bool) -> None:
@@ -178,7 +179,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         repo = self.server_hub.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found", body)
-        elif not repo.has_revision(rev):
+            return None
+        if not repo.has_revision(rev):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", body)
             return None
         return repo
