@@ -75,7 +75,12 @@ def resolve_base(name_or_path: str | os.PathLike, weights_dir: Path = WEIGHTS_DI
     local = weights_dir / name  # an absolute or ../ path never names a hub repository: resolve_checkpoint says so
     if not p.is_absolute() and ".." not in p.parts and _complete(local):
         return local.resolve(), name
-    return resolve_checkpoint(name, local_dir=local).resolve(), name
+    root = resolve_checkpoint(name, local_dir=local).resolve()
+    if not _complete(root):  # offline, huggingface_hub returns a non-empty local_dir as it is, even half-fetched
+        raise FileNotFoundError(f"model {name!r}: {root} is incomplete (it needs config.json, model.safetensors and "
+                                f"tokenizer.json or vocab.json + merges.txt); if a download was cut off, run again "
+                                f"online to finish it")
+    return root, name
 
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:

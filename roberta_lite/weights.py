@@ -219,10 +219,14 @@ def resolve_checkpoint(name_or_path: str | Path, *, what: str = "model", local_d
     s = str(name_or_path)
     if isinstance(name_or_path, Path) or _looks_like_path(s):
         raise FileNotFoundError(f"{what} directory not found: {s}")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import RepositoryNotFoundError
 
+    try:
         return Path(snapshot_download(repo_id=s, allow_patterns=patterns, local_dir=local_dir))
+    except RepositoryNotFoundError:  # its message's first line is only "404 Client Error."
+        raise FileNotFoundError(f"{what} {s!r}: not a local directory, and not found on the Hugging Face Hub "
+                                f"(a private or gated repository needs a token: set HF_TOKEN)") from None
     except Exception as e:  # offline, unknown repo, bad token: the library's own exception types vary by version
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"{what} {s!r}: not a local directory, and fetching it from the Hugging Face Hub "
