@@ -15,6 +15,7 @@ adapters = pytest.importorskip("adapters")
 
 from checkpoints import TINY, save_hf  # noqa: E402
 from roberta_lite import AdapterConfig, CheckpointError, Model  # noqa: E402
+from roberta_lite import formats  # noqa: E402
 from roberta_lite.formats import adapterhub as ah  # noqa: E402
 from test_parity import TOL, batch, max_diff  # noqa: E402
 
@@ -64,10 +65,9 @@ def hub_logits(m, ids, mask, head: str | None = None) -> torch.Tensor:
 
 
 def ours(base: Path, f: ah.AdapterFile) -> Model:
-    """Today's roberta_lite Model with f's adapter and head: the interchange keys are its parameter names."""
-    model = Model.from_pretrained(base, num_labels=f.num_labels)
-    model.add_adapter(AdapterConfig(**f.config))
-    model.load_state_dict({**model.state_dict(), **f.tensors})  # strict: every interchange key must exist
+    """roberta_lite's Model with f's adapter and head, added through the same checks as load_adapter."""
+    model = Model.from_pretrained(base)
+    formats.add(model, formats.check(model, f, base))
     return model.eval()
 
 
@@ -151,8 +151,6 @@ def test_old_config_gelu_is_tanh_approximation(base, old_gelu, monkeypatch, requ
 
     f = ah.read(d, C, L)
     assert f.config["activation"] == "gelu_new"
-    if "gelu_new" not in AdapterConfig.ACTIVATIONS:  # today's model predates gelu_new; the lead's adds it
-        monkeypatch.setitem(AdapterConfig.ACTIVATIONS, "gelu_new", lambda x: F.gelu(x, approximate="tanh"))
     err = max_diff(reference, our_logits(ours(base, f), ids, mask), mask)
     FIGURES[request.node.name] = err
     assert err <= TOL

@@ -12,7 +12,7 @@ writer takes one. `load` checks the whole file against the model before anything
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,16 +38,10 @@ ADAPTER_HUB_FILES = ["adapter_config.json", "adapter.safetensors", "pytorch_adap
                      "adapter_model.bin"]
 
 
-def _formats():
-    from roberta_lite.formats import native
+def _formats() -> dict:
+    from roberta_lite.formats import adapterhub, native, peft
 
-    found = [native]
-    for mod in ("adapterhub", "peft"):
-        try:
-            found.append(__import__(f"roberta_lite.formats.{mod}", fromlist=[mod]))
-        except ImportError:  # a format module not written yet
-            continue
-    return {m.FORMAT: m for m in found}
+    return {m.FORMAT: m for m in (native, adapterhub, peft)}
 
 
 def detect(directory: Path):
@@ -64,13 +58,17 @@ def detect(directory: Path):
 def read(source: str | os.PathLike, model) -> AdapterFile:
     """Read and fully check an adapter (a directory or hub id) against `model`, without changing the model."""
     d = resolve_checkpoint(source, what="adapter", patterns=ADAPTER_HUB_FILES)
-    f = detect(d).read(d, model.config.hidden_size, model.config.num_layers)
-    where = d / "adapter_config.json"
+    return check(model, detect(d).read(d, model.config.hidden_size, model.config.num_layers), d)
+
+
+def check(model, f: AdapterFile, where: Path) -> AdapterFile:
+    """Refuse a file for another base, a config this model cannot compute, or any missing, unexpected or
+    wrongly shaped tensor. Returns f with its config as an AdapterConfig."""
     recorded = f.base.get("fingerprint")
     if recorded is not None and recorded != model.base_fingerprint():
         raise CheckpointError(
-            f"{d}: adapter was trained on base {f.base.get('model')!r} (fingerprint {recorded}), but this model is "
-            f"{model.name_or_path!r} (fingerprint {model.base_fingerprint()}); load the base it was trained on")
+            f"{where}: adapter was trained on base {f.base.get('model')!r} (fingerprint {recorded}), but this model "
+            f"is {model.name_or_path!r} (fingerprint {model.base_fingerprint()}); load the base it was trained on")
     try:
         cfg = A.AdapterConfig.of(f.config)
     except (TypeError, ValueError) as e:
@@ -80,26 +78,28 @@ def read(source: str | os.PathLike, model) -> AdapterFile:
         expected = {k: s for k, s in expected.items() if not k.startswith("head.")}
     missing, unexpected = sorted(set(expected) - set(f.tensors)), sorted(set(f.tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{f.source or d}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]} "
-                              f"for a {cfg.kind} adapter")
+        raise CheckpointError(f"{f.source or where}: missing tensors {missing[:3]}, unexpected tensors "
+                              f"{unexpected[:3]} for a {cfg.kind} adapter")
     for k, t in f.tensors.items():
         if tuple(t.shape) != expected[k]:
-            raise CheckpointError(f"{f.source or d}: tensor {k!r} has shape {tuple(t.shape)}, this model expects "
-                                  f"{expected[k]} (adapter saved for another base?)")
-    f.config = cfg
-    return f
+            raise CheckpointError(f"{f.source or where}: tensor {k!r} has shape {tuple(t.shape)}, this model "
+                                  f"expects {expected[k]} (adapter saved for another base?)")
+    return replace(f, config=cfg)
 
 
-def load(model, source: str | os.PathLike, name: str | None = None, replace: bool = False) -> str:
-    """Add the adapter in `source` to `model` under `name` (default: the file's, else "default") and activate it."""
-    f = read(source, model)
+def add(model, f: AdapterFile, name: str | None = None, replace_existing: bool = False) -> str:
+    """Add a checked adapter file to `model` under `name` (default: the file's, else "default"); make it active."""
     name = name or f.name or "default"
-    model.add_adapter(name, f.config, num_labels=f.num_labels, labels=f.labels, task=f.task, replace=replace)
+    model.add_adapter(name, f.config, num_labels=f.num_labels, labels=f.labels, task=f.task, replace=replace_existing)
     params = dict(A.adapter_tensors(model, name))
     with torch.no_grad():
         for k, t in f.tensors.items():
             params[k].copy_(t)
     return name
+
+
+def load(model, source: str | os.PathLike, name: str | None = None, replace: bool = False) -> str:
+    return add(model, read(source, model), name, replace)
 
 
 def save(model, directory: str | os.PathLike, name: str | None = None, format: str = "roberta_lite") -> Path:
@@ -116,8 +116,9 @@ def save(model, directory: str | os.PathLike, name: str | None = None, format: s
     f = AdapterFile(name, model.adapter_configs[name].to_dict(),
                     {k: p.detach().float().contiguous() for k, p in A.adapter_tensors(model, name)},
                     head.num_labels, list(head.labels), head.task,
-                    {"model": str(model.name_or_path), "fingerprint": model.base_fingerprint()})
+                    {"model": str(model.name_or_path), "fingerprint": model.base_fingerprint(),
+                     "config": asdict(model.config)})
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    formats[format].write(d, f, model.config)
+    formats[format].write(d, f, model.config.hidden_size, model.config.num_layers, str(model.name_or_path))
     return d

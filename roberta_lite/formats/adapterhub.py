@@ -21,26 +21,18 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass, field
+
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from roberta_lite.formats import AdapterFile
 from roberta_lite.weights import CheckpointError, atomic_write
 
 
-# TEMP: moves to formats/__init__.py
-@dataclass
-class AdapterFile:
-    name: str  # adapter name (AdapterHub's "name"; peft has none: use the directory name)
-    config: dict  # our AdapterConfig fields
-    tensors: dict[str, torch.Tensor]  # interchange keys, float32, contiguous
-    num_labels: int | None = None  # head output size; None when the file has no head
-    labels: list[str] | None = None  # label names, index order
-    task: str = "classification"  # "classification" | "regression" | "multilabel"
-    base: dict = field(default_factory=dict)  # what the file says of its base: hidden_size, num_layers, model name
+FORMAT = "adapterhub"
 
 
 # File names, as adapters' utils.py spells them (CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, HEAD_*).

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -63,7 +62,7 @@ def read(directory: Path, hidden_size: int, num_layers: int):
                        {"model": meta.get("base_model"), "fingerprint": meta["base_fingerprint"]}, path)
 
 
-def write(directory: Path, f, config) -> None:
+def write(directory: Path, f, hidden_size: int, num_layers: int, base_name: str) -> Path:
     meta = {
         "format": TAG,
         "name": f.name,
@@ -73,7 +72,8 @@ def write(directory: Path, f, config) -> None:
         "labels": f.labels,
         "base_model": f.base.get("model"),
         "base_fingerprint": f.base.get("fingerprint"),
-        "base_config": asdict(config),
+        "base_config": f.base.get("config"),
     }
     atomic_write(directory / "adapter.safetensors", save(f.tensors))
     atomic_write(directory / "adapter_config.json", (json.dumps(meta, indent=2) + "\n").encode())
+    return directory

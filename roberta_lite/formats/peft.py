@@ -31,26 +31,18 @@ import json
 import math
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from roberta_lite.formats import AdapterFile
 from roberta_lite.weights import CheckpointError, atomic_write
 
 
-# TEMP: moves to formats/__init__.py
-@dataclass
-class AdapterFile:
-    name: str                    # adapter name (AdapterHub's "name"; peft has none: use the directory name)
-    config: dict                 # our AdapterConfig fields
-    tensors: dict[str, torch.Tensor]   # interchange keys, float32, contiguous
-    num_labels: int | None = None      # head output size; None when the file has no head
-    labels: list[str] | None = None    # label names, index order
-    task: str = "classification"       # "classification" | "regression" | "multilabel"
-    base: dict = field(default_factory=dict)  # what the file says of its base: hidden_size, num_layers, model name
+FORMAT = "peft"
 
 
 CONFIG_FILE = "adapter_config.json"
