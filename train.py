@@ -31,9 +31,7 @@ Defaults and where they come from (all overridable):
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
-import hashlib
+import datetime
 import json
 import math
 import os
@@ -42,6 +40,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +50,11 @@ from tqdm import tqdm
 
 from roberta_lite import AdapterConfig, CheckpointError, Config, Model, Tokenizer
 from roberta_lite import adapters as A
+from roberta_lite import checkpoint as CK
 from roberta_lite import data as D
 from roberta_lite import weights as W
-from roberta_lite.predict import limit_heap_growth, resolve_base, select_device, select_dtype
-
-CHECKPOINT_FORMAT = "roberta_lite.train-checkpoint/1"
+from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
+from roberta_lite.tasks import TASKS, Task
 # Flags that only steer this invocation; every other flag defines the training run and must match on --resume.
 RUN_CONTROL = {"resume", "output", "save_every", "stop_after_steps", "device", "cache_dir", "test_limit",
                "eval_batch_size", "threads"}
@@ -123,12 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="roberta-base", help="base checkpoint: a local directory or a Hugging Face "
                    "hub id (downloaded into weights/<id>/ and reused offline)")
-    g.add_argument("--adapter", choices=A.BOTTLENECK_KINDS, default="houlsby",
-                   help="houlsby: adapters after attention and FFN; pfeiffer: after the FFN only")
+    g.add_argument("--adapter", choices=A.KINDS, default="houlsby",
+                   help="houlsby: adapters after attention and FFN; pfeiffer: after the FFN only; lora: low-rank "
+                        "updates of the attention/FFN projections")
     g.add_argument("--reduction-factor", type=_int_at_least(1), default=16,
                    help="adapter bottleneck = hidden size / this")
     g.add_argument("--activation", choices=sorted(A.ACTIVATIONS),
                    help="adapter non-linearity (default: swish for houlsby, relu for pfeiffer, as AdapterHub)")
+    g.add_argument("--lora-r", type=_int_at_least(1), default=8, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=_float_in(0, 1e6, lo_open=True), default=16.0,
+                   help="LoRA scale numerator: updates are scaled by alpha / r")
+    g.add_argument("--lora-targets", default="query,value",
+                   help=f"comma-separated projections LoRA adapts, of {','.join(A.LORA_TARGETS)}")
+    g.add_argument("--lora-dropout", type=_float_in(0, 1, hi_open=True), default=0.0,
+                   help="dropout on LoRA's input (peft's lora_dropout)")
     g.add_argument("--dropout", type=_float_in(0, 1, hi_open=True),
                    help="hidden-state dropout (default: the checkpoint's, 0.1 for roberta-base)")
     g.add_argument("--attention-dropout", type=_float_in(0, 1, hi_open=True), default=0.0,
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_int_at_least(1), default=15, help="passes over the training data")
     g.add_argument("--patience", type=_int_at_least(0), default=4,
-                   help="stop when validation accuracy has not improved for this many epochs (0: never)")
+                   help="stop when the validation metric has not improved for this many epochs (0: never)")
     g.add_argument("--batch-size", type=_int_at_least(1), default=32, help="examples per step (per process)")
     g.add_argument("--max-tokens", type=_int_at_least(1), default=None,
                    help="also cap each batch at this many padded tokens (examples x longest), so batches of "
@@ -172,6 +179,15 @@ def default_output(data: str, adapter: str) -> Path:
     return Path("weights") / "adapters" / f"{name}-{adapter}"
 
 
+def adapter_config(args: argparse.Namespace) -> AdapterConfig:
+    if args.adapter == "lora":
+        return AdapterConfig("lora", r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                             dropout=args.lora_dropout)
+    # swish for Houlsby and relu for Pfeiffer: AdapterHub's DoubleSeqBnConfig / SeqBnConfig defaults
+    activation = args.activation or ("swish" if args.adapter == "houlsby" else "relu")
+    return AdapterConfig(args.adapter, args.reduction_factor, activation)
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
@@ -181,21 +197,29 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        device = select_device(device_arg, local_rank)
+        device = select_device(device_arg, local_rank, world)
     except ValueError as e:
         raise UsageError(f"argument {e}") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # else the CUDA context (and bf16 check) lands on GPU 0
     if world > 1:
         import torch.distributed as dist
 
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Generous: the other ranks wait here while rank 0 downloads the model and the data the first time.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return rank, world, device
 
 
 def barrier(world: int):
     if world > 1:
         torch.distributed.barrier()
+
+
+def rank0_first(run: "Run", fn):
+    """fn() on rank 0, then on the others: downloads and caches are filled once, then read by everyone."""
+    result = fn() if run.main else None
+    barrier(run.world)
+    return result if run.main else fn()
 
 
 def all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
@@ -242,7 +266,9 @@ class StopRequest:
                   f"(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     def __enter__(self):
-        if hasattr(signal, "SIGTERM") and threading_is_main():
+        import threading
+
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
         return self
@@ -252,197 +278,45 @@ class StopRequest:
             signal.signal(s, h)
 
 
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-# ------------------------------------------------------------------------- checkpoints (never pickled)
-#
-# OUTPUT/checkpoint/ holds trainable.safetensors (adapters + head), optimizer.safetensors (AdamW moments by
-# parameter name), best.safetensors (the best epoch's weights so far) and state.json (step, data position,
-# learning-rate schedule, RNG states, history, configuration, and the sha256 of each tensor file).
-# It is written as checkpoint.tmp-PID/, then swapped in by two renames: checkpoint -> checkpoint.old-PID,
-# checkpoint.tmp-PID -> checkpoint, and only then is the old one deleted. A kill -9 at any moment therefore
-# leaves a complete checkpoint/ or (between the renames) a complete checkpoint.old-PID/, which load_checkpoint
-# falls back to; every file is verified against its recorded hash before use.
-
-def _fsync_dir(path: Path):
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_file(path: Path, data: bytes):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_checkpoint(output: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
-    from safetensors.torch import save
-
-    final = output / "checkpoint"
-    if final.is_dir():  # leftovers of a killed run are stale only while a complete checkpoint/ exists
-        for stale in list(output.glob("checkpoint.tmp-*")) + list(output.glob("checkpoint.old-*")):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = output / f"checkpoint.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = dict(state, format=CHECKPOINT_FORMAT, files={})
-    for name, tdict in tensors.items():
-        blob = save({k: v.detach().to("cpu").contiguous() for k, v in tdict.items()})
-        _write_file(tmp / f"{name}.safetensors", blob)
-        state["files"][f"{name}.safetensors"] = hashlib.sha256(blob).hexdigest()
-    _write_file(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-    _fsync_dir(tmp)
-    if final.is_dir():
-        old = output / f"checkpoint.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-        _fsync_dir(output)
-    return final
-
-
-def _read_checkpoint_dir(d: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    from safetensors.torch import load
-
-    try:
-        state = json.loads((d / "state.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{d / 'state.json'}: unreadable ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{d / 'state.json'}: not a {CHECKPOINT_FORMAT} checkpoint")
-    tensors = {}
-    for fname, digest in state.get("files", {}).items():
-        try:
-            blob = (d / fname).read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"{d / fname}: unreadable ({e.strerror or e})") from None
-        if hashlib.sha256(blob).hexdigest() != digest:
-            raise CheckpointError(f"{d / fname}: contents do not match the checksum in state.json")
-        tensors[fname.removesuffix(".safetensors")] = load(blob)
-    return state, tensors
-
-
-def load_checkpoint(output: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], Path]:
-    """The newest complete checkpoint in `output`: checkpoint/, else one left mid-swap by a kill."""
-    candidates = [output / "checkpoint"] + sorted(output.glob("checkpoint.old-*"))
-    errors = []
-    found = []
-    for d in candidates:
-        if not d.is_dir():
-            continue
-        try:
-            state, tensors = _read_checkpoint_dir(d)
-        except CheckpointError as e:
-            errors.append(str(e))
-            continue
-        found.append((state.get("step", -1), d == candidates[0], state, tensors, d))
-    if not found:
-        why = f" ({errors[0]})" if errors else ""
-        raise CheckpointError(f"--resume: no loadable checkpoint in {output}{why}; expected {output / 'checkpoint'}/ "
-                              f"written by --save-every, at an epoch's end, or on Ctrl-C")
-    _, _, state, tensors, d = max(found, key=lambda f: (f[0], f[1]))
-    return state, tensors, d
-
-
-def _rng_b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-
-def _rng_from_b64(s: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
-    """AdamW state as {name.exp_avg: tensor, ...} plus JSON-able per-parameter step counts."""
-    tensors, steps = {}, {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if not st:
-                continue
-            name = names[id(p)]
-            tensors[f"{name}.exp_avg"] = st["exp_avg"]
-            tensors[f"{name}.exp_avg_sq"] = st["exp_avg_sq"]
-            steps[name] = float(st["step"])
-    return tensors, steps
-
-
-def restore_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict, steps: dict, where: Path):
-    for group in opt.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            if name not in steps:
-                continue
-            try:
-                m, v = tensors[f"{name}.exp_avg"], tensors[f"{name}.exp_avg_sq"]
-            except KeyError:
-                raise CheckpointError(f"{where}: optimizer state of {name!r} is incomplete") from None
-            if m.shape != p.shape:
-                raise CheckpointError(f"{where}: optimizer state of {name!r} has shape {tuple(m.shape)}, "
-                                      f"the parameter {tuple(p.shape)}")
-            opt.state[p] = {"step": torch.tensor(steps[name], dtype=torch.float32),
-                            "exp_avg": m.to(p.device, p.dtype).clone(), "exp_avg_sq": v.to(p.device, p.dtype).clone()}
-
-
-def load_trainable(model: Model, tensors: dict[str, torch.Tensor], where: Path):
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(tensors):
-        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise CheckpointError(f"{where}: adapter/head tensors do not match this model "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    with torch.no_grad():
-        for n, p in params.items():
-            if p.shape != tensors[n].shape:
-                raise CheckpointError(f"{where}: {n!r} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
-            p.copy_(tensors[n])
-
-
-def trainable_state(model: Model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
 def _fused_if_supported(device: torch.device) -> dict:
     """AdamW's fused kernel: one pass over all parameters instead of a dozen small ops per tensor."""
     return {"fused": True} if device.type in ("cuda", "cpu") else {}
 
 
-@torch.inference_mode()
-def evaluate(model: Model, seqs: list[np.ndarray], labels: list[int], *, batch_size: int, pad_id: int,
-             device: torch.device, rank: int, world: int, desc: str) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over every example; length-sorted batches, split across ranks."""
+@torch.inference_mode()  # no autograd graph: evaluation memory stays one batch's, whatever the split's size
+def predict_all(model: Model, seqs: list[np.ndarray], *, batch_size: int, pad_id: int, device: torch.device,
+                rank: int, world: int, desc: str) -> torch.Tensor:
+    """Logits for every example, float32 on the CPU, in the order of `seqs`; length-sorted batches, split
+    across ranks and gathered back."""
     was_training = model.training
     model.eval()
     batches = D.length_batches([len(s) for s in seqs], batch_size=batch_size, shuffle=False)[rank::world]
-    y_all = torch.tensor(labels, dtype=torch.long)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    rows, parts = [], []
     for batch in tqdm(batches, desc=desc, leave=False, disable=rank != 0, unit="batch"):
         ids, mask = D.collate([seqs[i] for i in batch], pad_id)
-        y = y_all[batch].to(device)
-        logits = model(ids.to(device), mask.to(device))
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(-1) == y).sum()
-    loss, right = all_reduce_sum([loss_sum.item(), float(correct.item())], device, world)
+        parts.append(model(ids.to(device), mask.to(device)).float().cpu())
+        rows.extend(batch)
     model.train(was_training)
-    return right / len(seqs), loss / len(seqs)
+    mine = (rows, torch.cat(parts) if parts else torch.zeros(0, model.num_labels))
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+    out = torch.empty(len(seqs), model.num_labels)
+    for r, logits in gathered:
+        out[torch.tensor(r, dtype=torch.long)] = logits
+    return out
 
 
-def plot_curves(output: Path, log_path: Path, epochs: list[dict]) -> bool:
-    """curves.png: training loss per step and validation accuracy per epoch (needs matplotlib)."""
+def evaluate(run: "Run", model: Model, split: "Split", desc: str) -> dict[str, float]:
+    """The task's metrics (and loss) over a whole split."""
+    logits = predict_all(model, split.tokens, batch_size=run.args.eval_batch_size, pad_id=model.config.pad_id,
+                         device=run.device, rank=run.rank, world=run.world, desc=desc)
+    return run.task.metrics(logits, split.y)
+
+
+def plot_curves(output: Path, log_path: Path, epochs: list[dict], primary: str) -> bool:
+    """curves.png: training loss per step and the validation metric per epoch (needs matplotlib)."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -455,8 +329,8 @@ def plot_curves(output: Path, log_path: Path, epochs: list[dict]) -> bool:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.5)
     a.set(xlabel="step", ylabel="training loss", yscale="log")
-    b.plot([e["epoch"] for e in epochs], [e["val_accuracy"] for e in epochs], marker="o")
-    b.set(xlabel="epoch", ylabel="validation accuracy")
+    b.plot([e["epoch"] for e in epochs], [e[f"val_{primary}"] for e in epochs], marker="o")
+    b.set(xlabel="epoch", ylabel=f"validation {primary}")
     b.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(output / "curves.png", dpi=120)
@@ -464,60 +338,116 @@ def plot_curves(output: Path, log_path: Path, epochs: list[dict]) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- the run's state
 
-def train(args: argparse.Namespace, argv: list[str] | None) -> int:
-    t_start = time.perf_counter()
+@dataclass
+class Run:
+    """What every step reads: arguments, processes, output directory, task; on --resume, the checkpoint."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    output: Path
+    config: dict  # the flags that define the run (saved with checkpoints and metrics)
+    task: Task
+    resume: tuple | None = None  # (state, tensors, directory)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *a, **k):
+        if self.main:
+            print(*a, **k)
+
+
+@dataclass
+class Split:
+    tokens: list[np.ndarray]
+    y: torch.Tensor  # labels as the task's loss wants them
+    size: int
+
+
+@dataclass
+class Progress:
+    """The training loop's position and history: all of it goes into a checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_epoch: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"metrics": None, "epoch": None, "since": 0})
+    epoch_loss: float = 0.0
+    epoch_steps: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    wall_before: float = 0.0
+    resumed_from: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+def start(args: argparse.Namespace, argv: list[str] | None) -> Run:
+    """Processes, output directory, and on --resume the checkpoint, whose configuration is the run's."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args.device)
-    main_process = rank == 0
-    say = print if main_process else (lambda *a, **k: None)
-
-    # --- where things go; on --resume the checkpoint's configuration is the run's configuration
     if args.data is None and not (args.resume and args.output):
         raise UsageError("--data is required (or --resume with --output DIR)")
     output = Path(args.output) if args.output else default_output(args.data, args.adapter)
-    resume_state, resume_tensors, resume_dir = None, None, None
-    if not args.resume and [d for d in [output / "checkpoint", *output.glob("checkpoint.old-*")] if d.is_dir()]:
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"argument --output: {output} is a file, not a directory")
+    unfinished = [d for d in [output / "checkpoint", *output.glob("checkpoint.old-*")] if d.is_dir()]
+    if not args.resume and unfinished:
         raise CheckpointError(f"{output / 'checkpoint'}/ holds an unfinished run: continue it with --resume, or "
                               f"delete it (or choose another --output) to start over")
-    if args.resume:
-        resume_state, resume_tensors, resume_dir = load_checkpoint(output)
-        saved = resume_state["config"]
-        parser = build_parser()
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in RUN_CONTROL})
-        args = parser.parse_args(argv)
-        for k, v in saved.items():
-            if k not in RUN_CONTROL and getattr(args, k, v) != v:
-                raise UsageError(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the "
-                                 f"checkpoint's {v}; drop it to continue the run as it was started")
-        if resume_state["world_size"] != world:
-            raise UsageError(f"--resume: the checkpoint was written by {resume_state['world_size']} processes, "
-                             f"this run has {world}; resume with the same number")
-    activation = args.activation or ("swish" if args.adapter == "houlsby" else "relu")
-    dtype = select_dtype(args.precision, device)
+    resume = CK.load_checkpoint(output) if args.resume else None
+    if resume is not None:
+        args = resumed_args(resume[0]["config"], argv)
+    adapter_config(args)  # a bad adapter flag fails now, before any work
+    rank, world, device = setup_distributed(args.device)
+    if resume is not None and resume[0]["world_size"] != world:
+        raise UsageError(f"--resume: the checkpoint was written by {resume[0]['world_size']} processes, "
+                         f"this run has {world}; resume with the same number")
     config = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    return Run(args, rank, world, device, output, config, TASKS["classification"], resume)
 
-    # --- the base model's files (downloaded once into weights/<id>/), checked before any long work
-    if main_process:
-        base_dir, base_name = resolve_base(args.model)
-    barrier(world)
-    if not main_process:
-        base_dir, base_name = resolve_base(args.model)
+
+def resumed_args(saved: dict, argv: list[str] | None) -> argparse.Namespace:
+    """The command line over the checkpoint's configuration; a flag that would change the run is an error."""
+    parser = build_parser()
+    parser.set_defaults(**{k: v for k, v in saved.items() if k not in RUN_CONTROL})
+    args = parser.parse_args(argv)
+    for k, v in saved.items():
+        if k not in RUN_CONTROL and getattr(args, k, v) != v:
+            raise UsageError(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from the "
+                             f"checkpoint's {v}; drop it to continue the run as it was started")
+    return args
+
+
+def locate_base(run: Run) -> tuple[Path, str, Config]:
+    """The base model's files (downloaded once into weights/<id>/), checked before any long work."""
+    base_dir, base_name = rank0_first(run, lambda: resolve_base(run.args.model))
     arch = Config.from_hf(W.read_config(base_dir), source=str(base_dir / "config.json"))
-    if args.max_length is None:
-        args.max_length = config["max_length"] = min(512, arch.max_tokens)
-    if args.max_length > arch.max_tokens:
-        raise UsageError(f"argument --max-length: {args.max_length} exceeds the model's limit of {arch.max_tokens} "
-                         f"tokens (max_position_embeddings {arch.max_positions} in {base_dir / 'config.json'})")
+    if run.args.max_length is None:
+        run.args.max_length = run.config["max_length"] = min(512, arch.max_tokens)
+    if run.args.max_length > arch.max_tokens:
+        raise UsageError(f"argument --max-length: {run.args.max_length} exceeds the model's limit of "
+                         f"{arch.max_tokens} tokens (max_position_embeddings {arch.max_positions} in "
+                         f"{base_dir / 'config.json'})")
+    return base_dir, base_name, arch
 
-    # --- data: train / validation (for choosing the epoch) / test (used once, at the end)
-    t0 = time.perf_counter()
-    train_ds, test_ds = D.load_data(args.data, args.test_data, seed=args.seed, test_fraction=args.test_fraction)
+
+def load_splits(run: Run, base_dir: Path, arch: Config) -> tuple[dict[str, Split], list[str], D.TextDataset]:
+    """Train / validation (chooses the epoch) / test (used once, at the end), tokenized and cached on disk."""
+    args, t0 = run.args, time.perf_counter()
+    train_ds, test_ds = rank0_first(run, lambda: D.load_data(args.data, args.test_data, seed=args.seed,
+                                                             test_fraction=args.test_fraction))
     label_names = list(train_ds.label_names)
-    replaced = train_ds.replaced + test_ds.replaced
-    full_train, full_test = len(train_ds), len(test_ds)
+    full = len(train_ds), len(test_ds)
+
     def sample(ds: D.TextDataset, n: int | None, stream: int) -> D.TextDataset:
         """A seeded random n of ds (IMDB's reviews are sorted by label, so never the first n)."""
         if not n or n >= len(ds):
@@ -528,237 +458,287 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     if len(train_ds) < 2:
         raise D.DataError(f"{args.data}: {len(train_ds)} training example; need at least 2 (one for validation)")
     train_ds, val_ds = D.train_val_split(train_ds, args.val_fraction, seed=args.seed)
-    say(f"data: {len(train_ds):,} train, {len(val_ds):,} validation, {len(test_ds):,} test "
-        f"(of {full_train:,} + {full_test:,}; labels {', '.join(label_names)}) from {train_ds.source} "
-        f"in {time.perf_counter() - t0:.1f}s")
-    if replaced:
-        say(f"note: {replaced} text(s) contained bytes that are not valid UTF-8; they were replaced by U+FFFD")
+    run.say(f"data: {len(train_ds):,} train, {len(val_ds):,} validation, {len(test_ds):,} test "
+            f"(of {full[0]:,} + {full[1]:,}; labels {', '.join(label_names)}) from {train_ds.source} "
+            f"in {time.perf_counter() - t0:.1f}s")
+    if train_ds.replaced + test_ds.replaced:
+        run.say(f"note: {train_ds.replaced + test_ds.replaced} text(s) contained bytes that are not valid UTF-8; "
+                f"they were replaced by U+FFFD")
+    tokenizer, cache, t0 = Tokenizer.from_pretrained(base_dir), Path(args.cache_dir) if args.cache_dir else None, \
+        time.perf_counter()
+    datasets = {"train": train_ds, "val": val_ds, "test": test_ds}
+    tokens = rank0_first(run, lambda: {k: D.tokenize_cached(ds.texts, tokenizer, args.max_length, cache=cache)
+                                       for k, ds in datasets.items()})
+    splits = {k: Split(tokens[k], run.task.label_tensor(ds.labels), len(ds)) for k, ds in datasets.items()}
+    lengths = np.array([len(s) for s in splits["train"].tokens])
+    run.say(f"tokens: {lengths.sum():,} in training texts, mean {lengths.mean():.0f}, "
+            f"{100 * np.mean(lengths >= args.max_length):.1f}% cut at {args.max_length} "
+            f"({time.perf_counter() - t0:.1f}s)")
+    if tokenizer.pad_id != arch.pad_id:
+        run.say(f"warning: the tokenizer pads with id {tokenizer.pad_id}, config.json says pad_token_id "
+                f"{arch.pad_id}; using {arch.pad_id}")
+    return splits, label_names, train_ds
 
-    # --- tokens, cached on disk by tokenizer + texts + max length (rank 0 fills the cache, the others read it)
-    tokenizer = Tokenizer.from_pretrained(base_dir)
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    t0 = time.perf_counter()
-    splits = {}
-    for turn in (0, 1):
-        if (turn == 0) == main_process:
-            splits = {name: D.tokenize_cached(ds.texts, tokenizer, args.max_length, cache=cache)
-                      for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds))}
-        if turn == 0:
-            barrier(world)
-    train_tok, val_tok, test_tok = splits["train"], splits["val"], splits["test"]
-    lengths = [len(s) for s in train_tok]
-    say(f"tokens: {sum(lengths):,} in training texts, mean {np.mean(lengths):.0f}, "
-        f"{100 * np.mean(np.array(lengths) >= args.max_length):.1f}% cut at {args.max_length} "
-        f"({time.perf_counter() - t0:.1f}s)")
 
-    # --- model: frozen base (bf16 on the fast path), fp32 adapters + head
-    torch.manual_seed(args.seed)  # the fresh adapters and head: identical on every rank
-    model = Model.from_pretrained(base_dir, num_labels=len(label_names), dtype=dtype, device=device,
-                                  adapter=AdapterConfig(args.adapter, args.reduction_factor, activation))
-    model.set_dropout(hidden=args.dropout, attention=args.attention_dropout)
-    model.set_num_labels(len(label_names), label_names)  # always a fresh head (never a checkpoint's classifier)
+def build_model(run: Run, base_dir: Path, base_name: str, arch: Config, label_names: list[str]) -> Model:
+    """The frozen base (bf16 on the fast path) with a fresh adapter and head (float32), the only trainable part."""
+    torch.manual_seed(run.args.seed)  # the fresh adapter and head: identical on every rank
+    dtype = select_dtype(run.args.precision, run.device)
+    model = Model.from_pretrained(base_dir, dtype=dtype, device=run.device)
+    model.set_dropout(hidden=run.args.dropout, attention=run.args.attention_dropout)
+    name = re.sub(r"[^\w-]", "_", run.output.name) or "default"  # the adapter's name: its directory's
+    model.add_adapter(name, adapter_config(run.args), num_labels=len(label_names), labels=label_names,
+                      task=run.task.kind)  # always a fresh head, never a checkpoint's classifier
     model.name_or_path = base_name  # what the adapter records: a hub id, or an absolute directory
     summary = model.freeze_base()
-    pad_id = model.config.pad_id
-    if tokenizer.pad_id != pad_id:
-        say(f"warning: the tokenizer pads with id {tokenizer.pad_id}, config.json says pad_token_id {pad_id}; "
-            f"using {pad_id}")
-    say(f"model: {base_name} ({arch.num_layers} layers, hidden {arch.hidden_size}) + {args.adapter} adapters "
-        f"(reduction {args.reduction_factor}, {activation}); {summary}")
-    say(f"device: {device}, base precision {str(dtype).removeprefix('torch.')}, "
-        f"{world} process{'es' if world > 1 else ''}, {torch.get_num_threads()} CPU threads each")
+    cfg = model.adapter_config
+    what = (f"lora r={cfg.r} alpha={cfg.alpha:g} on {','.join(cfg.targets)}" if cfg.is_lora else
+            f"{cfg.kind} adapters (reduction {cfg.reduction_factor}, {cfg.activation})")
+    run.say(f"model: {base_name} ({arch.num_layers} layers, hidden {arch.hidden_size}) + {what}; {summary}")
+    run.say(f"device: {run.device}, base precision {str(dtype).removeprefix('torch.')}, {run.world} "
+            f"process{'es' if run.world > 1 else ''}, {torch.get_num_threads()} CPU threads each")
+    return model
 
-    # --- optimizer: AdamW, weight decay on matrices only; schedule: linear warmup, linear decay
+
+def build_optimizer(run: Run, model: Model) -> tuple[torch.optim.Optimizer, dict[int, str]]:
+    """AdamW over the trainable parameters, weight decay on matrices only."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    param_names = {id(p): n for n, p in named}
-    opt = torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": args.weight_decay},
+    opt = torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": run.args.weight_decay},
                              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.999), eps=1e-8, **_fused_if_supported(device))
+                            lr=run.args.lr, betas=(0.9, 0.999), eps=1e-8, **_fused_if_supported(run.device))
+    return opt, {id(p): n for n, p in named}
 
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        batches = D.length_batches(lengths, batch_size=args.batch_size, max_tokens=args.max_tokens, shuffle=True,
-                                   seed=args.seed, epoch=epoch)
-        return D.shard(batches, rank, world)
 
-    steps_per_epoch = len(epoch_batches(0))
+def epoch_batches(run: Run, lengths: list[int], epoch: int) -> list[list[int]]:
+    """This rank's share of one epoch's length-bucketed, shuffled batches (the last partial batch included)."""
+    batches = D.length_batches(lengths, batch_size=run.args.batch_size, max_tokens=run.args.max_tokens,
+                               shuffle=True, seed=run.args.seed, epoch=epoch)
+    return D.shard(batches, run.rank, run.world)
+
+
+def initial_progress(run: Run, model: Model, opt, names: dict[int, str]) -> tuple[Progress, dict]:
+    """(position, best weights so far): fresh, or restored from the checkpoint with the optimizer and RNG."""
+    if run.resume is None:
+        return Progress(last_epoch=run.args.epochs), CK.trainable_state(model)
+    s, tensors, where = run.resume
+    CK.load_trainable(model, tensors["trainable"], where)
+    CK.restore_optimizer(opt, names, tensors["optimizer"], s["optimizer_steps"], where)
+    torch.set_rng_state(CK.rng_from_b64(s["rng"]["torch"]))
+    if run.device.type == "cuda" and s["rng"].get("cuda"):
+        torch.cuda.set_rng_state(CK.rng_from_b64(s["rng"]["cuda"]), run.device)
+    p = Progress(**{k: s[k] for k in ("step", "epoch", "batch_in_epoch", "last_epoch", "history", "best",
+                                     "epoch_loss", "epoch_steps", "tokens", "train_seconds")},
+                 wall_before=s["wall_seconds"], resumed_from=s["step"])
+    run.say(f"resumed from {where} at step {p.step} (epoch {p.epoch + 1}, batch {p.batch_in_epoch})")
+    return p, tensors["best"]
+
+
+def save_progress(run: Run, model: Model, opt, names: dict[int, str], p: Progress, best_weights: dict,
+                  schedule: dict) -> Path | None:
+    """OUTPUT/checkpoint/: everything --resume needs to continue exactly where this step left off."""
+    if not run.main:
+        return None
+    opt_t, opt_steps = CK.optimizer_tensors(opt, names)
+    rng = {"torch": CK.rng_b64(torch.get_rng_state()),
+           "cuda": CK.rng_b64(torch.cuda.get_rng_state(run.device)) if run.device.type == "cuda" else None,
+           "dropout": "each step reseeds torch with train.dropout_seed(seed, rank, step)"}
+    state = {**{k: v for k, v in vars(p).items() if k not in ("wall_before", "resumed_from")},
+             "wall_seconds": p.wall_before + time.perf_counter() - run.t_start, "world_size": run.world,
+             "schedule": schedule, "optimizer_steps": opt_steps, "rng": rng, "config": run.config}
+    return CK.save_checkpoint(run.output, {"trainable": CK.trainable_state(model), "optimizer": opt_t,
+                                           "best": best_weights}, state)
+
+
+def train_step(run: Run, net, opt, model: Model, split: Split, batch: list[int], p: Progress, schedule: dict,
+               stop: StopRequest) -> tuple[float, int, bool]:
+    """One optimizer step on one batch. Returns (the loss averaged over ranks, the real tokens it trained on,
+    whether every rank stops now)."""
+    t = time.perf_counter()
+    ids, mask = D.collate([split.tokens[i] for i in batch], model.config.pad_id)
+    ids, mask, y = ids.to(run.device), mask.to(run.device), split.y[batch].to(run.device)
+    lr = lr_at(p.step, schedule["total_steps"], schedule["warmup_steps"], run.args.lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(dropout_seed(run.args.seed, run.rank, p.step))
+    loss = run.task.loss(net(ids, mask), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: adapter and head gradients are averaged across processes
+    if run.args.clip > 0:
+        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], run.args.clip)
+    opt.step()
+    p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
+    local_stop = float(stop.signum is not None or p.step == run.args.stop_after_steps)
+    n_tok = float(sum(len(split.tokens[i]) for i in batch))
+    loss_sum, n_stop, n_tok = all_reduce_sum([loss.item(), local_stop, n_tok], run.device, run.world)
+    p.tokens += int(n_tok)
+    p.train_seconds += time.perf_counter() - t
+    p.epoch_loss += loss_sum / run.world
+    p.epoch_steps += 1
+    return loss_sum / run.world, int(n_tok), n_stop > 0
+
+
+def end_epoch(run: Run, model: Model, splits: dict[str, Split], p: Progress, best_weights: dict) -> dict:
+    """Validate; keep the best epoch's weights (ties broken by the lower loss); stop early when it is stale."""
+    m = evaluate(run, model, splits["val"], "validating")
+    p.history.append({"epoch": p.epoch + 1, "step": p.step, "train_loss": p.epoch_loss / max(1, p.epoch_steps),
+                      **{f"val_{k}": v for k, v in m.items()}})
+    if run.task.better(m, p.best["metrics"]):
+        p.best, best_weights = {"metrics": m, "epoch": p.epoch + 1, "since": 0}, CK.trainable_state(model)
+    else:
+        p.best["since"] += 1
+    primary = run.task.primary
+    run.say(f"epoch {p.epoch + 1}/{run.args.epochs}: train loss {p.history[-1]['train_loss']:.4f}, val {primary} "
+            f"{m[primary]:.4f} (loss {m['loss']:.4f}), {p.tokens / max(p.train_seconds, 1e-9):,.0f} tok/s, "
+            f"{fmt_time(p.wall_before + time.perf_counter() - run.t_start)}"
+            + ("  *best" if p.best["epoch"] == p.epoch + 1 else ""))
+    p.epoch, p.batch_in_epoch, p.epoch_loss, p.epoch_steps = p.epoch + 1, 0, 0.0, 0
+    if run.args.patience and p.best["since"] >= run.args.patience and p.epoch < p.last_epoch:
+        run.say(f"early stop: validation {primary} has not improved for {run.args.patience} epochs "
+                f"(best {p.best['metrics'][primary]:.4f} at epoch {p.best['epoch']})")
+        p.last_epoch = p.epoch  # saved in the checkpoint: a resumed run has nothing left to train
+        p.history[-1]["early_stop"] = True
+    return best_weights
+
+
+def fit(run: Run, model: Model, opt, names: dict[int, str], splits: dict[str, Split]) -> tuple[Progress, dict, int | None]:
+    """The epochs: train steps, validation at each epoch's end, checkpoints. Returns (progress, best weights,
+    exit code if stopped early by a signal or --stop-after-steps, else None)."""
+    lengths = [len(s) for s in splits["train"].tokens]
+    steps_per_epoch = len(epoch_batches(run, lengths, 0))
     if steps_per_epoch == 0:
-        raise D.DataError(f"{args.data}: {len(train_ds)} training examples make fewer batches than the "
-                          f"{world} processes; use more data or fewer processes")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(args.warmup * total_steps)
-    pad_frac = D.padding_fraction(epoch_batches(0), lengths)
-
-    # --- training state, fresh or from the checkpoint
-    step, epoch, batch_in_epoch, last_epoch = 0, 0, 0, args.epochs
-    history: list[dict] = []
-    best = {"val_accuracy": -1.0, "epoch": None, "since": 0}
-    best_weights = trainable_state(model)
-    epoch_loss, epoch_steps = 0.0, 0
-    tokens_done, train_seconds, wall_before = 0, 0.0, 0.0
-    log_path = output / "log.jsonl"
-    if resume_state is not None:
-        load_trainable(model, resume_tensors["trainable"], resume_dir)
-        restore_optimizer(opt, param_names, resume_tensors["optimizer"], resume_state["optimizer_steps"], resume_dir)
-        best_weights = resume_tensors["best"]
-        s = resume_state
-        step, epoch, batch_in_epoch, last_epoch = s["step"], s["epoch"], s["batch_in_epoch"], s["last_epoch"]
-        history, best = s["history"], s["best"]
-        epoch_loss, epoch_steps = s["epoch_loss"], s["epoch_steps"]
-        tokens_done, train_seconds, wall_before = s["tokens"], s["train_seconds"], s["wall_seconds"]
-        torch.set_rng_state(_rng_from_b64(s["rng"]["torch"]))
-        if device.type == "cuda" and s["rng"].get("cuda"):
-            torch.cuda.set_rng_state(_rng_from_b64(s["rng"]["cuda"]), device)
-        say(f"resumed from {resume_dir} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
-    resumed_from = step if resume_state is not None else None
-    if main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():  # drop steps logged after the checkpoint we continue from (or a previous run's)
-            keep = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and resume_state is not None and json.loads(ln)["step"] <= step]
-            W.atomic_write(log_path, "".join(ln + "\n" for ln in keep).encode())
-
-    def checkpoint() -> Path | None:
-        if not main_process:
-            return None
-        opt_t, opt_steps = optimizer_tensors(opt, param_names)
-        rng = {"torch": _rng_b64(torch.get_rng_state()),
-               "cuda": _rng_b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
-               "dropout": "each step reseeds torch with train.dropout_seed(seed, rank, step)"}
-        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "last_epoch": last_epoch,
-                 "world_size": world,
-                 "schedule": {"total_steps": total_steps, "warmup_steps": warmup_steps, "peak_lr": args.lr},
-                 "history": history, "best": best, "epoch_loss": epoch_loss, "epoch_steps": epoch_steps,
-                 "tokens": tokens_done, "train_seconds": train_seconds,
-                 "wall_seconds": wall_before + time.perf_counter() - t_start,
-                 "optimizer_steps": opt_steps, "rng": rng, "config": config, "labels": label_names}
-        return save_checkpoint(output, {"trainable": trainable_state(model), "optimizer": opt_t,
-                                        "best": best_weights}, state)
-
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # Only adapters and head are synchronised and all-reduced; the frozen base is identical everywhere.
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # --- the loop
-    train_y = torch.tensor(train_ds.labels, dtype=torch.long)
-    stop_code = None
-    log_file = open(log_path, "a", encoding="utf-8") if main_process else None
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not main_process, dynamic_ncols=True,
-               mininterval=1.0, desc="training")
+        raise D.DataError(f"{run.args.data}: {splits['train'].size} training examples make fewer batches than the "
+                          f"{run.world} processes; use more data or fewer processes")
+    total = run.args.epochs * steps_per_epoch
+    schedule = {"total_steps": total, "warmup_steps": int(run.args.warmup * total), "peak_lr": run.args.lr}
+    p, best_weights = initial_progress(run, model, opt, names)
+    net = distributed(run, model)
+    log = open_log(run, p)
+    bar = tqdm(total=total, initial=p.step, unit="step", disable=not run.main, dynamic_ncols=True, mininterval=1.0)
     model.train()
+    stop_code = None
     try:
-        with StopRequest(verbose=main_process) as stop:
-            while epoch < last_epoch and stop_code is None:
-                batches = epoch_batches(epoch)
-                bar.set_description(f"epoch {epoch + 1}/{args.epochs}")
-                while batch_in_epoch < len(batches):
-                    t_step = time.perf_counter()
-                    batch = batches[batch_in_epoch]
-                    ids, mask = D.collate([train_tok[i] for i in batch], pad_id)
-                    ids, mask, y = ids.to(device), mask.to(device), train_y[batch].to(device)
-                    lr = lr_at(step, total_steps, warmup_steps, args.lr)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    torch.manual_seed(dropout_seed(args.seed, rank, step))
-                    loss = F.cross_entropy(net(ids, mask), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()  # under DDP: adapter and head gradients are averaged across processes
-                    if args.clip > 0:
-                        torch.nn.utils.clip_grad_norm_([p for _, p in named], args.clip)
-                    opt.step()
-                    step += 1
-                    batch_in_epoch += 1
-                    local_stop = float(stop.signum is not None or step == args.stop_after_steps)
-                    loss_sum, n_stop, n_tok = all_reduce_sum([loss.item(), local_stop, float(sum(len(train_tok[i])
-                                                              for i in batch))], device, world)
-                    step_loss = loss_sum / world
-                    tokens_done += int(n_tok)
-                    train_seconds += time.perf_counter() - t_step
-                    epoch_loss += step_loss
-                    epoch_steps += 1
-                    if main_process:
-                        log_file.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": float(f"{step_loss:.6g}"),
-                                                   "lr": lr, "tokens": int(n_tok)}) + "\n")
-                        log_file.flush()
-                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
-                                        tok_s=f"{tokens_done / max(train_seconds, 1e-9):,.0f}", refresh=False)
-                        bar.update(1)
-                    if n_stop > 0:  # every rank stops at the same step
-                        stop_code = 128 + stop.signum if stop.signum else 0 if local_stop else 128 + signal.SIGTERM
-                        break
-                    if args.save_every and step % args.save_every == 0:
-                        checkpoint()
-                if stop_code is not None:
-                    break
-                # End of epoch: validate, remember the best weights, checkpoint.
-                val_acc, val_loss = evaluate(model, val_tok, val_ds.labels, batch_size=args.eval_batch_size,
-                                             pad_id=pad_id, device=device, rank=rank, world=world, desc="validating")
-                history.append({"epoch": epoch + 1, "step": step, "train_loss": epoch_loss / max(1, epoch_steps),
-                                "val_accuracy": val_acc, "val_loss": val_loss})
-                if val_acc > best["val_accuracy"]:
-                    best = {"val_accuracy": val_acc, "epoch": epoch + 1, "since": 0}
-                    best_weights = trainable_state(model)
-                else:
-                    best["since"] += 1
-                if main_process:
-                    bar.write(f"epoch {epoch + 1}/{args.epochs}: train loss {history[-1]['train_loss']:.4f}, "
-                              f"val accuracy {val_acc:.4f} (loss {val_loss:.4f}), "
-                              f"{tokens_done / max(train_seconds, 1e-9):,.0f} tok/s, "
-                              f"{fmt_time(wall_before + time.perf_counter() - t_start)}"
-                              + ("  *best" if best["epoch"] == epoch + 1 else ""))
-                epoch, batch_in_epoch, epoch_loss, epoch_steps = epoch + 1, 0, 0.0, 0
-                if args.patience and best["since"] >= args.patience and epoch < last_epoch:
-                    say(f"early stop: validation accuracy has not improved for {args.patience} epochs "
-                        f"(best {best['val_accuracy']:.4f} at epoch {best['epoch']})")
-                    last_epoch = epoch  # saved in the checkpoint: a resumed run has nothing left to train
-                    history[-1]["early_stop"] = True
-                checkpoint()
-                if all_reduce_sum([float(stop.signum is not None)], device, world)[0] > 0 and epoch < last_epoch:
-                    stop_code = 128 + (stop.signum or signal.SIGTERM)
+        with StopRequest(verbose=run.main) as stop:
+            while p.epoch < p.last_epoch and stop_code is None:
+                batches = epoch_batches(run, lengths, p.epoch)
+                bar.set_description(f"epoch {p.epoch + 1}/{run.args.epochs}")
+                while p.batch_in_epoch < len(batches) and stop_code is None:
+                    batch = batches[p.batch_in_epoch]
+                    loss, n_tok, stopping = train_step(run, net, opt, model, splits["train"], batch, p, schedule, stop)
+                    log_step(run, log, bar, p, loss, n_tok, schedule)
+                    if stopping:  # every rank stops at the same step; a signal on another rank counts as SIGTERM
+                        stop_code = 128 + stop.signum if stop.signum else \
+                            0 if p.step == run.args.stop_after_steps else 128 + signal.SIGTERM
+                    elif run.args.save_every and p.step % run.args.save_every == 0:
+                        save_progress(run, model, opt, names, p, best_weights, schedule)
+                if stop_code is None:
+                    best_weights = end_epoch(run, model, splits, p, best_weights)
+                    save_progress(run, model, opt, names, p, best_weights, schedule)
+                    if all_reduce_sum([float(stop.signum is not None)], run.device, run.world)[0] > 0 \
+                            and p.epoch < p.last_epoch:
+                        stop_code = 128 + (stop.signum or signal.SIGTERM)
     finally:
         bar.close()
-        if log_file:
-            log_file.close()
-
+        if log:
+            log.close()
     if stop_code is not None:
-        path = checkpoint()
-        barrier(world)
-        say(f"stopped at step {step}: checkpoint written to {path}; continue with "
-            f"python train.py --resume --output {output}")
-        return stop_code
+        path = save_progress(run, model, opt, names, p, best_weights, schedule)
+        barrier(run.world)
+        run.say(f"stopped at step {p.step}: checkpoint written to {path}; continue with "
+                f"python train.py --resume --output {run.output}")
+    return p, best_weights, stop_code
 
-    # --- the test split, once, with the weights of the best validation epoch
-    load_trainable(model, best_weights, output / "checkpoint")
-    test_acc, test_loss = evaluate(model, test_tok, test_ds.labels, batch_size=args.eval_batch_size, pad_id=pad_id,
-                                   device=device, rank=rank, world=world, desc="testing")
-    wall = wall_before + time.perf_counter() - t_start
-    if main_process:
-        model.save_adapter(output)
-        metrics = {
-            "test_accuracy": test_acc, "test_loss": test_loss,
-            "val_accuracy": [h["val_accuracy"] for h in history], "best_epoch": best["epoch"],
-            "best_val_accuracy": best["val_accuracy"], "epochs": history,
-            "train_tokens_per_second": tokens_done / max(train_seconds, 1e-9), "train_tokens": tokens_done,
-            "train_seconds": train_seconds, "wall_seconds": wall, "steps": step, "resumed_from_step": resumed_from,
-            "padding_fraction": pad_frac, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "world_size": world, "examples": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)},
-            "labels": label_names, "replaced_non_utf8": replaced, "base_model": base_name,
-            "trainable_parameters": sum(p.numel() for _, p in named), "adapter_activation": activation,
-            "config": config,
-        }
-        W.atomic_write(output / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        plotted = plot_curves(output, log_path, history)
-        say(f"test accuracy {test_acc:.4f} (loss {test_loss:.4f}) on {len(test_ds):,} examples, best epoch "
-            f"{best['epoch']}; {step} steps, {metrics['train_tokens_per_second']:,.0f} train tok/s, {fmt_time(wall)}")
-        say(f"saved: {output}/adapter.safetensors, adapter_config.json, metrics.json, log.jsonl"
+
+def distributed(run: Run, model: Model):
+    """Under torchrun: DistributedDataParallel over the adapter and head only (the frozen base is the same
+    everywhere, so it is neither broadcast nor all-reduced)."""
+    if run.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
+    return DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def open_log(run: Run, p: Progress):
+    """OUTPUT/log.jsonl, one line per step; on resume, lines after the checkpoint's step are dropped."""
+    if not run.main:
+        return None
+    run.output.mkdir(parents=True, exist_ok=True)
+    path = run.output / "log.jsonl"
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and p.resumed_from is not None and json.loads(ln)["step"] <= p.step]
+        W.atomic_write(path, "".join(ln + "\n" for ln in keep).encode())
+    return open(path, "a", encoding="utf-8")
+
+
+def log_step(run: Run, log, bar, p: Progress, loss: float, tokens: int, schedule: dict):
+    if not run.main:
+        return
+    lr = lr_at(p.step - 1, schedule["total_steps"], schedule["warmup_steps"], run.args.lr)
+    log.write(json.dumps({"step": p.step, "epoch": p.epoch + 1, "loss": float(f"{loss:.6g}"), "lr": lr,
+                          "tokens": tokens}) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{p.tokens / max(p.train_seconds, 1e-9):,.0f}",
+                    refresh=False)
+    bar.update(1)
+
+
+def finish(run: Run, model: Model, splits: dict[str, Split], p: Progress, best_weights: dict, label_names: list[str],
+           train_ds: D.TextDataset, base_name: str) -> None:
+    """The test split, once, with the best epoch's weights; then the adapter, metrics.json and curves.png."""
+    CK.load_trainable(model, best_weights, run.output / "checkpoint")
+    test = evaluate(run, model, splits["test"], "testing")
+    wall = p.wall_before + time.perf_counter() - run.t_start
+    digests = [CK.digest(CK.trainable_state(model))]  # under DDP every rank must end with the same weights
+    if run.world > 1:
+        digests = [None] * run.world
+        torch.distributed.all_gather_object(digests, CK.digest(CK.trainable_state(model)))
+    if not run.main:
+        return
+    model.save_adapter(run.output)
+    primary = run.task.primary
+    metrics = {
+        **{f"test_{k}": v for k, v in test.items()},
+        f"val_{primary}": [h[f"val_{primary}"] for h in p.history], "best_epoch": p.best["epoch"],
+        f"best_val_{primary}": p.best["metrics"][primary], "epochs": p.history, "task": run.task.kind,
+        "train_tokens_per_second": p.tokens / max(p.train_seconds, 1e-9), "train_tokens": p.tokens,
+        "train_seconds": p.train_seconds, "wall_seconds": wall, "steps": p.step, "resumed_from_step": p.resumed_from,
+        "padding_fraction": D.padding_fraction(epoch_batches(run, [len(s) for s in splits["train"].tokens], 0),
+                                               [len(s) for s in splits["train"].tokens]),
+        "device": str(run.device), "dtype": str(next(model.layers[0].parameters()).dtype).removeprefix("torch."),
+        "world_size": run.world, "examples": {"validation" if k == "val" else k: s.size for k, s in splits.items()},
+        "labels": label_names, "replaced_non_utf8": train_ds.replaced, "base_model": base_name,
+        "trainable_parameters": sum(q.numel() for q in model.parameters() if q.requires_grad),
+        "adapter": model.adapter_config.to_dict(), "rank_weight_digests": digests, "config": run.config,
+    }
+    if len(set(digests)) > 1:
+        run.say(f"warning: the {run.world} processes ended with different adapter weights ({digests})")
+    W.atomic_write(run.output / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    plotted = plot_curves(run.output, run.output / "log.jsonl", p.history, primary)
+    run.say(f"test {primary} {test[primary]:.4f} (loss {test['loss']:.4f}) on {splits['test'].size:,} examples, "
+            f"best epoch {p.best['epoch']}; {p.step} steps, {metrics['train_tokens_per_second']:,.0f} train tok/s, "
+            f"{fmt_time(wall)}")
+    run.say(f"saved: {run.output}/adapter.safetensors, adapter_config.json, metrics.json, log.jsonl"
             + (", curves.png" if plotted else ""))
-        for d in [output / "checkpoint", *output.glob("checkpoint.old-*"), *output.glob("checkpoint.tmp-*")]:
-            shutil.rmtree(d, ignore_errors=True)  # the run is complete: nothing to resume
-    barrier(world)
+    for d in [run.output / "checkpoint", *run.output.glob("checkpoint.old-*"), *run.output.glob("checkpoint.tmp-*")]:
+        shutil.rmtree(d, ignore_errors=True)  # the run is complete: nothing to resume
+
+
+# ---------------------------------------------------------------------------------------------- the script
+
+def train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    run = start(args, argv)
+    base_dir, base_name, arch = locate_base(run)
+    splits, label_names, train_ds = load_splits(run, base_dir, arch)
+    model = build_model(run, base_dir, base_name, arch, label_names)
+    opt, names = build_optimizer(run, model)
+    progress, best_weights, stop_code = fit(run, model, opt, names, splits)
+    if stop_code is not None:
+        return stop_code
+    finish(run, model, splits, progress, best_weights, label_names, train_ds, base_name)
+    barrier(run.world)
     return 0
 
 

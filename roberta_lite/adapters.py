@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from roberta_lite import weights as W
+
 if TYPE_CHECKING:  # model.py imports this module; the classes are only needed at call time
-    from roberta_lite.model import Config, Model
+    from roberta_lite.model import ClassificationHead, Config, Model
 
 # ---------------------------------------------------------------------------------------------- kinds
 
@@ -168,6 +171,9 @@ def make_route(model: "Model", adapter: str | Sequence[str] | None, batch: int, 
     for n in dict.fromkeys(names):
         if n not in model.adapter_configs:
             raise KeyError(f"adapter {n!r} is not in this model (it has {', '.join(model.adapter_names) or 'none'})")
+    if merged is not None and model.training:
+        raise RuntimeError(f"adapter {merged!r} is merged into the base weights, where it cannot train: "
+                           f"unmerge_adapter() first")
     if merged is not None and set(names) != {merged}:
         raise RuntimeError(f"adapter {merged!r} is merged into the base weights, so every example must use it; "
                            f"unmerge_adapter() first to run {sorted(set(names) - {merged})}")
@@ -198,7 +204,7 @@ def classify(model: "Model", route: Route | None, x: torch.Tensor) -> torch.Tens
 
 def build(config: "Config", cfg: AdapterConfig) -> dict[str, nn.Module]:
     """The modules of one adapter, by the slot they go into ('layers.3.ffn_adapter', 'layers.3.attn.qkv_lora', ...)."""
-    from roberta_lite.model import Adapter, LoRA, QKVLoRA
+    from roberta_lite.model import Adapter, LoRA
 
     C, F_, std, out = config.hidden_size, config.ffn_size, config.initializer_range, {}
     if not cfg.is_lora and C // cfg.reduction_factor < 1:
@@ -245,7 +251,7 @@ def add(model: "Model", name: str, cfg: AdapterConfig, num_labels: int | None, l
         head.task = task
     else:
         head = ClassificationHead(model.config, num_labels, labels, task)
-        head.apply(model.init_fresh)
+        head.apply(partial(W.init_fresh, std=model.config.initializer_range))
     if name in model.adapter_configs:
         delete(model, name)
     slots = dict(model.named_modules())
@@ -261,7 +267,7 @@ def set_head(model: "Model", num_labels: int, labels: Sequence[str] | None):
 
     old = model.active_head
     head = ClassificationHead(model.config, num_labels, labels, old.task)
-    head.apply(model.init_fresh)
+    head.apply(partial(W.init_fresh, std=model.config.initializer_range))
     head.to(old.out.weight.device).train(model.training)
     if model.active_adapter is None:
         model.head = head
@@ -311,12 +317,28 @@ def is_base(model: "Model") -> dict[str, bool]:
     return {k: id(p) not in adapter | own_head for k, p in model.named_parameters()}
 
 
+class QKVLoRA(nn.ModuleDict):
+    """LoRA on query, key and/or value. They share one fused projection, so each part's update fills its third
+    of the (B, T, 3C) output, and the thirds without a LoRA get zeros."""
+
+    PARTS = ("query", "key", "value")
+
+    def __init__(self, hidden_size: int, cfg: AdapterConfig):
+        from roberta_lite.model import LoRA
+
+        super().__init__({p: LoRA(hidden_size, hidden_size, cfg) for p in self.PARTS if p in cfg.targets})
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)
+        return torch.cat([self[p](x) if p in self else zero for p in self.PARTS], dim=-1)  # (B, T, 3C)
+
+
+
 # ---------------------------------------------------------------------------------------------- merging LoRA
 
 def lora_modules(model: "Model", name: str) -> Iterator[tuple[nn.Linear, nn.Module, slice]]:
     """(base linear, LoRA module, rows of the linear's output it updates) for each target of LoRA adapter `name`."""
-    from roberta_lite.model import QKVLoRA
-
     for layer in model.layers:
         for linear, slot in ((layer.attn.qkv, layer.attn.qkv_lora), (layer.attn.proj, layer.attn.proj_lora),
                              (layer.ffn.up, layer.ffn.up_lora), (layer.ffn.down, layer.ffn.down_lora)):
@@ -346,7 +368,8 @@ def merge(model: "Model", name: str | None):
     saved = {}
     for linear, lora, rows in lora_modules(model, name):
         w = linear.weight
-        saved.setdefault(id(w), (w, w.detach().clone()))  # kept to restore the base bit for bit
+        if id(w) not in saved:
+            saved[id(w)] = (w, w.detach().clone())  # kept to restore the base bit for bit
         delta = (lora.B.float() @ lora.A.float()) * lora.scale  # (out, in), computed in float32
         if not torch.isfinite(delta).all():
             for w, original in saved.values():
@@ -364,3 +387,64 @@ def unmerge(model: "Model"):
     for w, original in model._unmerge:
         w.copy_(original)
     model._unmerge, model.merged_adapter = [], None
+
+
+# ---------------------------------------------------------------------------------------------- Model's adapter API
+
+class AdapterMethods:
+    """The adapter bookkeeping methods of model.Model (a mixin, so model.py keeps to the architecture)."""
+
+    def delete_adapter(self, name: str) -> "Model":
+        delete(self, name)
+        return self
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    @property
+    def adapter_config(self) -> AdapterConfig | None:
+        return self.adapter_configs.get(self.active_adapter) if self.active_adapter else None
+
+    @property
+    def active_head(self) -> "ClassificationHead":
+        return self.heads[self.active_adapter] if self.active_adapter else self.head
+
+    @property
+    def labels(self) -> list[str]:
+        return self.active_head.labels
+
+    @labels.setter
+    def labels(self, names: Sequence[str]):
+        if len(names) != self.num_labels:
+            raise ValueError(f"labels: {len(names)} names for {self.num_labels} outputs")
+        self.active_head.labels = list(names)
+
+    @property
+    def num_labels(self) -> int:
+        return self.active_head.num_labels
+
+    def adapter_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors and its head's (default: the active adapter), float32, under their file keys."""
+        return {k: p.detach().float() for k, p in adapter_tensors(self, name or self.active_adapter)}
+
+    def set_num_labels(self, num_labels: int, labels: Sequence[str] | None = None) -> "Model":
+        """Give the active adapter (or, without one, the model) a fresh classification head."""
+        set_head(self, num_labels, labels)
+        return self
+
+    def merge_adapter(self, name: str | None = None) -> "Model":
+        """Fold a LoRA adapter into the base weights: inference then costs exactly the base's time."""
+        merge(self, name)
+        return self
+
+    def unmerge_adapter(self) -> "Model":
+        """Restore the base weights bit for bit (they were kept when merging)."""
+        unmerge(self)
+        return self
+
+    def base_fingerprint(self) -> str:
+        """A hash of the frozen base weights, recorded in adapter files to catch loading onto another base."""
+        if self._fingerprint is None:
+            self._fingerprint = W.fingerprint(self)
+        return self._fingerprint

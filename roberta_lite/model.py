@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -111,21 +112,6 @@ class LoRA(nn.Module):
         return K.linear(K.linear(x, self.A), self.B) * self.scale  # (B, T, in) -> (B, T, r) -> (B, T, out)
 
 
-class QKVLoRA(nn.ModuleDict):
-    """LoRA on query, key and/or value. They share one fused projection, so each part's update fills its third
-    of the (B, T, 3C) output, and the thirds without a LoRA get zeros."""
-
-    PARTS = ("query", "key", "value")
-
-    def __init__(self, hidden_size: int, cfg: AdapterConfig):
-        super().__init__({p: LoRA(hidden_size, hidden_size, cfg) for p in self.PARTS if p in cfg.targets})
-        self.hidden_size = hidden_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zero = x.new_zeros(()).expand(*x.shape[:-1], self.hidden_size)
-        return torch.cat([self[p](x) if p in self else zero for p in self.PARTS], dim=-1)  # (B, T, 3C)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention, bidirectional: every token sees every non-padding token."""
 
@@ -140,7 +126,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: A.Route | None,
                 first_only: bool = False) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x) + self.qkv_lora(route, x)  # (B, T, 3C)
+        qkv = self.qkv(x)  # (B, T, 3C)
+        qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)  # LoRA's update, back in the base's precision
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         if first_only:
             q = q[:, :, :1]  # only <s> asks (see Model.forward); every token still answers with its key and value
@@ -247,9 +234,10 @@ class MaskedLMHead(nn.Module):
         return K.linear(x, embedding, self.bias)  # (B, T, vocab)
 
 
-class Model(nn.Module):
+class Model(A.AdapterMethods, nn.Module):
     """RoBERTa encoder + its classification head (+ the MLM head when the checkpoint has one) + named adapters,
-    each with a head of its own."""
+    each with a head of its own. The rest of the adapter API (delete_adapter, labels, merge_adapter, ...) is
+    bookkeeping over `heads` and `adapter_configs`: adapters.AdapterMethods."""
 
     def __init__(self, config: Config, num_labels: int = 2, adapter: AdapterConfig | str | None = None,
                  mlm_head: bool = False):
@@ -266,7 +254,7 @@ class Model(nn.Module):
         self._unmerge: list = []
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
         self._fingerprint: str | None = None
-        self.apply(self.init_fresh)
+        self.apply(partial(W.init_fresh, std=config.initializer_range))  # BERT's init, for what no file gives
         if adapter is not None:
             self.add_adapter("default", adapter)
 
@@ -304,8 +292,6 @@ class Model(nn.Module):
     def _route(self, adapter, ids: torch.Tensor) -> A.Route | None:
         return A.make_route(self, adapter, ids.shape[0], ids.device)
 
-    # ------------------------------------------------------------------ adapters (adapters.py does the work)
-
     def add_adapter(self, name: str | AdapterConfig | dict, config: AdapterConfig | str | dict | None = None, *,
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
                     task: str = "classification", replace: bool = False) -> "Model":
@@ -317,58 +303,9 @@ class Model(nn.Module):
         A.add(self, name, AdapterConfig.of(config or "houlsby"), num_labels, labels, task, replace)
         return self
 
-    def delete_adapter(self, name: str) -> "Model":
-        A.delete(self, name)
-        return self
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.adapter_configs)
-
-    @property
-    def adapter_config(self) -> AdapterConfig | None:
-        return self.adapter_configs.get(self.active_adapter) if self.active_adapter else None
-
-    @property
-    def active_head(self) -> ClassificationHead:
-        return self.heads[self.active_adapter] if self.active_adapter else self.head
-
-    @property
-    def labels(self) -> list[str]:
-        return self.active_head.labels
-
-    @labels.setter
-    def labels(self, names: Sequence[str]):
-        if len(names) != self.num_labels:
-            raise ValueError(f"labels: {len(names)} names for {self.num_labels} outputs")
-        self.active_head.labels = list(names)
-
-    @property
-    def num_labels(self) -> int:
-        return self.active_head.num_labels
-
-    def adapter_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
-        """One adapter's tensors and its head's (default: the active adapter), float32, under their file keys."""
-        return {k: p.detach().float() for k, p in A.adapter_tensors(self, name or self.active_adapter)}
-
-    def set_num_labels(self, num_labels: int, labels: Sequence[str] | None = None) -> "Model":
-        """Give the active adapter (or, without one, the model) a fresh classification head."""
-        A.set_head(self, num_labels, labels)
-        return self
-
     def freeze_base(self) -> str:
         """Train only the active adapter and its head. Returns a summary like peft's print_trainable_parameters()."""
         return A.freeze_base(self)
-
-    def merge_adapter(self, name: str | None = None) -> "Model":
-        """Fold a LoRA adapter into the base weights: inference then costs exactly the base's time."""
-        A.merge(self, name)
-        return self
-
-    def unmerge_adapter(self) -> "Model":
-        """Restore the base weights bit for bit (they were kept when merging)."""
-        A.unmerge(self)
-        return self
 
     def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> "Model":
         """Change dropout rates at run time (None: leave as is). The checkpoint's rates are the default."""
@@ -380,8 +317,6 @@ class Model(nn.Module):
         self.config.dropout = self.config.dropout if hidden is None else hidden  # for heads added later
         self.config.attention_dropout = self.config.attention_dropout if attention is None else attention
         return self
-
-    # ------------------------------------------------------------------ files (weights.py and formats/)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int | None = None,
@@ -403,20 +338,3 @@ class Model(nn.Module):
 
         formats.load(self, source, name, replace)
         return self
-
-    def base_fingerprint(self) -> str:
-        """A hash of the frozen base weights, recorded in adapter files to catch loading onto another base."""
-        if self._fingerprint is None:
-            self._fingerprint = W.fingerprint(self)
-        return self._fingerprint
-
-    def init_fresh(self, module: nn.Module):
-        """BERT's initialisation, for what a checkpoint does not provide (a new head). Adapters init themselves."""
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)

@@ -353,7 +353,7 @@ def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_lab
     for module in model.modules():  # materialise and initialise what the file did not provide
         if any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
-            model.init_fresh(module)
+            init_fresh(module, config.initializer_range)
     if device is not None:
         model.to(device)
     if hf_cfg.get("id2label") and keep_head:
@@ -366,6 +366,17 @@ def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_lab
     if verbose and fresh:
         print(f"roberta_lite: freshly initialised (not in checkpoint): {', '.join(fresh)}")
     return model.eval()
+
+
+def init_fresh(module: torch.nn.Module, std: float):
+    """BERT's initialisation, for what a checkpoint does not provide (a new head). Adapters init themselves."""
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        torch.nn.init.normal_(module.weight, std=std)
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+    if isinstance(module, torch.nn.LayerNorm):
+        torch.nn.init.ones_(module.weight)
+        torch.nn.init.zeros_(module.bias)
 
 
 def fingerprint(model: "Model") -> str:

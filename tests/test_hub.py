@@ -17,7 +17,7 @@ import torch
 
 from hubserver import HubServer, reset_sessions, set_offline, use_hub
 from roberta_lite import Model, Tokenizer
-from roberta_lite import predict
+from roberta_lite import predict, runtime
 
 REPO = "someorg/tiny-roberta"
 TEXT = "The film was wonderful, really quite moving."
@@ -106,7 +106,7 @@ def test_offline_after_a_download_loads_from_the_cache_without_a_request(hub, re
 def test_offline_before_any_download_says_to_pass_a_local_directory(hub, repo_files, monkeypatch):
     hub.serve({REPO: repo_files})
     set_offline(monkeypatch, True)
-    for load in (Model.from_pretrained, Tokenizer.from_pretrained, predict.resolve_base):
+    for load in (Model.from_pretrained, Tokenizer.from_pretrained, runtime.resolve_base):
         with pytest.raises(FileNotFoundError) as e:
             load(REPO)
         message = str(e.value)
@@ -118,7 +118,7 @@ def test_offline_before_any_download_says_to_pass_a_local_directory(hub, repo_fi
 
 def test_a_missing_repo_is_named_in_the_error(hub, repo_files):
     hub.serve({REPO: repo_files})
-    for load in (Model.from_pretrained, Tokenizer.from_pretrained, predict.resolve_base):
+    for load in (Model.from_pretrained, Tokenizer.from_pretrained, runtime.resolve_base):
         with pytest.raises(FileNotFoundError) as e:
             load("someorg/no-such-model")
         message = str(e.value)
@@ -148,13 +148,13 @@ def test_resolve_base_downloads_into_weights_once(hub, repo_files, tiny_roberta)
     """train.py's and predict's base model: fetched into ./weights/<id>/ and recorded by its id; the next run
     finds it complete there and asks the hub nothing."""
     hub.serve({REPO: repo_files})
-    root, name = predict.resolve_base(REPO)
+    root, name = runtime.resolve_base(REPO)
     assert (root, name) == ((Path("weights") / REPO).resolve(), REPO)
     assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["config.json", "model.safetensors",
                                                                        "tokenizer.json"]
     assert same_weights(Model.from_pretrained(root), Model.from_pretrained(tiny_roberta))
     hub.log.clear()
-    assert predict.resolve_base(REPO) == (root, name)
+    assert runtime.resolve_base(REPO) == (root, name)
     assert hub.log == []
 
 
@@ -164,14 +164,14 @@ def test_resolve_base_after_a_cut_off_download(hub, repo_files, tiny_roberta, mo
     hub.serve({REPO: repo_files})
     hub.cut["model.safetensors"] = 1000
     with pytest.raises(FileNotFoundError, match="someorg/tiny-roberta"):
-        predict.resolve_base(REPO)
+        runtime.resolve_base(REPO)
     assert not (Path("weights") / REPO / "model.safetensors").exists()
     set_offline(monkeypatch, True)  # huggingface_hub now returns the half-filled weights/<id>/ as it is
     with pytest.raises(FileNotFoundError, match="'someorg/tiny-roberta': .* is incomplete"):
-        predict.resolve_base(REPO)
+        runtime.resolve_base(REPO)
     set_offline(monkeypatch, False)
     del hub.cut["model.safetensors"]
-    root, _ = predict.resolve_base(REPO)
+    root, _ = runtime.resolve_base(REPO)
     assert same_weights(Model.from_pretrained(root), Model.from_pretrained(tiny_roberta))
 
 

@@ -30,6 +30,16 @@ def sentences(words_pos, words_neg, n, seed):
     return out
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as test_train.py's runs: with all threads, a busy second core made these tests 7x slower
+    (OpenMP's threads wait on each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     return build_minilm(tmp_path_factory.mktemp("minilm"))

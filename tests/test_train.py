@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,7 +26,9 @@ from conftest import REPO, TINY_WORDS
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (the top-level script)
 from roberta_lite import data as D  # noqa: E402
-from roberta_lite import predict  # noqa: E402
+from roberta_lite import Model, Tokenizer  # noqa: E402
+from roberta_lite import checkpoint as CK  # noqa: E402
+from roberta_lite import predict, runtime  # noqa: E402
 
 POSITIVE, NEGATIVE, FILLER = TINY_WORDS[:10], TINY_WORDS[10:20], TINY_WORDS[20:]
 METRIC_KEYS = {"test_accuracy", "test_loss", "val_accuracy", "train_tokens_per_second", "wall_seconds", "steps",
@@ -125,7 +128,9 @@ def test_cli_aclimdb_directory_then_predict(tiny_roberta, cache, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["text"] for x in lines] == ["a great film", "dull and boring"]
-    assert all(x["label"] in ("neg", "pos") and 0.5 <= x["probability"] <= 1 for x in lines)
+    for x in lines:  # the label is the most probable class, and the probabilities are a distribution
+        assert x["probability"] == max(x["probabilities"].values()) == x["probabilities"][x["label"]]
+        assert abs(sum(x["probabilities"].values()) - 1) < 1e-5
 
 
 @pytest.mark.parametrize("fmt", ["archive", "csv", "jsonl"])
@@ -214,7 +219,7 @@ def _save_forever(output: str):
     while True:
         step += 1
         t = {"w": torch.full((256, 256), float(step))}
-        train.save_checkpoint(Path(output), {"trainable": t, "optimizer": t, "best": t}, {"step": step})
+        CK.save_checkpoint(Path(output), {"trainable": t, "optimizer": t, "best": t}, {"step": step})
 
 
 def test_kill_9_never_leaves_an_unloadable_checkpoint(tmp_path):
@@ -227,20 +232,20 @@ def test_kill_9_never_leaves_an_unloadable_checkpoint(tmp_path):
         time.sleep(0.15 + rng.random() * 0.2)
         os.kill(p.pid, signal.SIGKILL)
         p.join()
-        state, tensors, where = train.load_checkpoint(tmp_path)
+        state, tensors, where = CK.load_checkpoint(tmp_path)
         assert torch.equal(tensors["trainable"]["w"], torch.full((256, 256), float(state["step"])))
     # the mid-swap state (only checkpoint.old-PID complete) and a torn file are both handled
     d = tmp_path / "mid-swap"
     t = {"w": torch.ones(3)}
-    train.save_checkpoint(d, {"trainable": t, "optimizer": t, "best": t}, {"step": 7})
+    CK.save_checkpoint(d, {"trainable": t, "optimizer": t, "best": t}, {"step": 7})
     os.rename(d / "checkpoint", d / "checkpoint.old-1")
     (d / "checkpoint.tmp-2").mkdir()
-    state, _, where = train.load_checkpoint(d)
+    state, _, where = CK.load_checkpoint(d)
     assert where.name == "checkpoint.old-1"
     with open(where / "best.safetensors", "r+b") as f:
         f.truncate(100)
     with pytest.raises(train.CheckpointError, match="no loadable checkpoint"):
-        train.load_checkpoint(d)
+        CK.load_checkpoint(d)
 
 
 def _step_now(out: Path) -> int:
@@ -265,7 +270,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_roberta, cache, t
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr and "checkpoint written" in stdout
-    state, _, _ = train.load_checkpoint(out)
+    state, _, _ = CK.load_checkpoint(out)
     assert state["step"] >= 5
 
     # resume, then kill -9 mid-run: the checkpoint left behind still loads and is at least as far along
@@ -276,7 +281,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_roberta, cache, t
         time.sleep(0.05)
     p.kill()
     p.wait(timeout=30)
-    assert train.load_checkpoint(out)[0]["step"] >= state["step"] + 10
+    assert CK.load_checkpoint(out)[0]["step"] >= state["step"] + 10
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -294,6 +299,9 @@ def test_ddp_two_processes_on_gloo(tiny_roberta, cache, tmp_path):
     # each rank takes every other length-bucketed batch: half the steps of one process
     single = D.length_batches([1] * metrics["examples"]["train"], batch_size=8, shuffle=True)
     assert metrics["steps"] == 2 * (len(single) // 2)
+    # DDP averaged the gradients: both ranks trained on different batches yet ended with the same weights
+    digests = metrics["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -328,6 +336,7 @@ def _bad_cases(tmp: Path, model: Path) -> list[tuple[str, list[str], int, str]]:
         ("lr not a number", ["--data", str(ok), *m, "--lr", "fast"], 2, "--lr"),
         ("unknown flag", ["--data", str(ok), *m, "--epoch", "3"], 2, "unrecognized"),
         ("no data", [*m], 2, "--data is required"),
+        ("output is a file", ["--data", str(ok), *m, "--output", str(ok)], 2, "is a file"),
         ("resume without checkpoint", ["--data", str(ok), *m, "--output", str(tmp / "o"), "--resume"], 1,
          "no loadable checkpoint"),
     ]
@@ -387,14 +396,15 @@ def test_learns_an_easy_task_on_a_real_pretrained_model(minilm, cache, tmp_path,
     assert rc == 0, err[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9, metrics
-    assert metrics["dtype"] == ("bfloat16" if predict.cpu_has_fast_bf16() else "float32")
+    assert metrics["dtype"] == ("bfloat16" if runtime.cpu_has_fast_bf16() else "float32")
 
 
 def test_curves_png_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": i, "loss": 1 / i, "lr": 1e-4}) + "\n" for i in range(1, 20)))
-    assert train.plot_curves(tmp_path, log, [{"epoch": 1, "val_accuracy": 0.6}, {"epoch": 2, "val_accuracy": 0.8}])
+    assert train.plot_curves(tmp_path, log, [{"epoch": 1, "val_accuracy": 0.6}, {"epoch": 2, "val_accuracy": 0.8}],
+                             "accuracy")
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
@@ -403,13 +413,83 @@ def test_hub_ids_are_reused_from_weights_dir_offline(tiny_roberta, tmp_path):
     import shutil
 
     shutil.copytree(tiny_roberta, tmp_path / "org" / "tiny")
-    root, name = predict.resolve_base("org/tiny", weights_dir=tmp_path)
+    root, name = runtime.resolve_base("org/tiny", weights_dir=tmp_path)
     assert root == (tmp_path / "org" / "tiny").resolve() and name == "org/tiny"
-    root, name = predict.resolve_base(tiny_roberta)
+    root, name = runtime.resolve_base(tiny_roberta)
     assert root == tiny_roberta.resolve() and name == str(tiny_roberta.resolve())
     with pytest.raises(FileNotFoundError, match="not found"):
-        predict.resolve_base(tmp_path / "missing")
-    assert predict.select_dtype("fp32", torch.device("cpu")) == torch.float32
-    assert predict.select_dtype("auto", torch.device("cpu")) == (
-        torch.bfloat16 if predict.cpu_has_fast_bf16() else torch.float32)
+        runtime.resolve_base(tmp_path / "missing")
+    assert runtime.select_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert runtime.select_dtype("auto", torch.device("cpu")) == (
+        torch.bfloat16 if runtime.cpu_has_fast_bf16() else torch.float32)
     assert train.default_output("/x/aclImdb_v1.tar.gz", "pfeiffer") == Path("weights/adapters/aclImdb_v1-pfeiffer")
+
+
+# ---------------------------------------------------------------------------------------------- what is trained on
+
+def test_every_training_example_trains_once_per_epoch_and_no_other(tiny_roberta, cache, tmp_path, capsys):
+    """Train, validation and test are disjoint; train + validation is the whole training file; each epoch
+    trains on every training example exactly once, the last partial batch included."""
+    rows = [(f"{t} n{i}", "pos" if y else "neg") for i, (t, y) in enumerate(examples(61, 3))]  # unique texts
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    test = write_jsonl(tmp_path / "t.jsonl", [(t, "pos" if y else "neg") for t, y in examples(10, 4)])
+    out = tmp_path / "out"
+    rc, _, err = run_main(["--data", str(data), "--test-data", str(test), "--output", str(out),
+                           "--val-fraction", "0.2", *common(tiny_roberta, cache)], capsys)
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    train_ds, test_ds = D.load_data(str(data), str(test), seed=0)
+    tr, va = D.train_val_split(train_ds, 0.2, seed=0)
+    assert metrics["examples"] == {"train": len(tr), "validation": len(va), "test": 10}
+    assert len(tr) + len(va) == 61 and len(tr) % 8 != 0  # a partial last batch exists
+    assert not set(tr.texts) & set(va.texts) and not (set(tr.texts) | set(va.texts)) & set(test_ds.texts)
+    tok = Tokenizer.from_pretrained(tiny_roberta)
+    tokens = D.tokenize_cached(tr.texts, tok, metrics["config"]["max_length"], cache=cache)
+    assert metrics["train_tokens"] == 2 * sum(len(t) for t in tokens)  # 2 epochs over exactly this split
+
+
+def test_evaluation_and_prediction_build_no_autograd_graph(tiny_roberta, tmp_path):
+    """Evaluation once chained every batch's graph onto the next (out of memory on IMDB's test set): with the
+    adapter trainable, no forward pass of an evaluation or a prediction may record autograd history."""
+    model = Model.from_pretrained(tiny_roberta, adapter="houlsby")
+    model.freeze_base()  # the adapter and head require grad, as during training
+    recorded = []
+    hook = lambda module, inputs, output: recorded.append(output.requires_grad or torch.is_grad_enabled())
+    model.active_head.register_forward_hook(hook)
+    seqs = [np.arange(3, 3 + n) for n in (5, 9, 7, 12, 4)]
+    logits = train.predict_all(model, seqs, batch_size=2, pad_id=model.config.pad_id, device=torch.device("cpu"),
+                               rank=0, world=1, desc="test")
+    assert logits.shape == (5, 2) and len(recorded) == 3 and not any(recorded)
+    model.save_adapter(tmp_path / "a")
+    predictor = predict.Predictor(tmp_path / "a", model=str(tiny_roberta), device="cpu")
+    predictor.model.active_head.register_forward_hook(hook)
+    predictor(["a film", "another film"])
+    assert len(recorded) > 3 and not any(recorded)
+
+
+def test_restore_optimizer_puts_fused_step_counts_on_the_parameters_device():
+    """CUDA's fused AdamW refuses CPU step tensors; plain AdamW keeps them on the CPU (as PyTorch creates them)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    for fused in (True, False):
+        opt = torch.optim.AdamW([p], fused=fused) if fused else torch.optim.AdamW([p], foreach=False)
+        CK.restore_optimizer(opt, {id(p): "w"}, {"w.exp_avg": torch.ones(3), "w.exp_avg_sq": torch.ones(3)},
+                             {"w": 5.0}, Path("ckpt"))
+        step = opt.state[p]["step"]
+        assert step.device == p.device and step.dtype == torch.float32 and float(step) == 5.0
+        p.grad = torch.ones(3)
+        opt.step()  # the restored state is usable as it is
+        assert float(opt.state[p]["step"]) == 6.0
+
+
+def test_ddp_device_rules(monkeypatch):
+    """Under torchrun each rank takes its LOCAL_RANK's GPU; a fixed other index or more ranks than GPUs is an
+    error, not two ranks on one GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime.select_device("auto", local_rank=1, world=2) == torch.device("cuda", 1)
+    assert runtime.select_device("cuda", local_rank=1, world=2) == torch.device("cuda", 1)
+    assert runtime.select_device("cuda:1", local_rank=0, world=1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        runtime.select_device("cuda:0", local_rank=1, world=2)
+    with pytest.raises(ValueError, match="at most 2 processes"):
+        runtime.select_device("auto", local_rank=2, world=3)
