@@ -1,0 +1,115 @@
+"""roberta_lite.metrics against hand-computed values, and against scipy / scikit-learn where installed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from roberta_lite.metrics import (
+    MAIN_METRIC,
+    accuracy,
+    compute_metrics,
+    mse,
+    multilabel_scores,
+    pearson,
+    rankdata,
+    spearman,
+)
+
+
+def test_pearson_by_hand() -> None:
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 4 / sqrt(5 * 5)
+    assert pearson([1, 2, 3], [2, 4, 6.0]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson(np.array([[1.0], [2.0], [4.0]]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.98198050606)
+
+
+def test_rankdata_averages_ties() -> None:
+    assert rankdata(np.array([10, 20, 10, 30, 20, 20])).tolist() == [1.5, 4.0, 1.5, 6.0, 4.0, 4.0]
+    assert rankdata(np.array([3.0, 1.0, 2.0])).tolist() == [3.0, 1.0, 2.0]
+    assert rankdata(np.array([7, 7, 7])).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_spearman_with_ties_by_hand() -> None:
+    # ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4]: 4.5 / sqrt(4.5 * 5); ordinal ranks would give 0.8, min ranks 0.923
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert spearman([1, 10, 100, 1000], [1, 2, 3, 4]) == pytest.approx(1.0)  # monotone, not linear
+    assert pearson([1, 10, 100, 1000], [1, 2, 3, 4]) < 0.9
+
+
+def test_mse_and_accuracy() -> None:
+    assert mse([1.0, 2.0], [2.0, 4.0]) == pytest.approx(2.5)
+    assert mse(np.array([[1.0], [2.0]]), np.array([1.0, 2.0])) == 0.0
+    logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 0.5], [3.0, 1.0]])
+    assert accuracy(logits, np.array([1, 0, 0, 1])) == 0.5
+
+
+def test_undefined_correlations_are_nan() -> None:
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(spearman([1, float("nan"), 3], [1, 2, 3]))
+    with pytest.raises(ValueError):
+        pearson([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError):
+        mse([], [])
+
+
+PRED = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]])
+TRUE = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0]])
+
+
+def test_multilabel_scores_by_hand() -> None:
+    scores = multilabel_scores(PRED, TRUE)
+    # per label (tp, fp, fn): (2, 0, 0) F1 1; (1, 1, 0) F1 2/3; (0, 1, 1) F1 0; (0, 0, 0) F1 0 (sklearn's default)
+    assert scores["macro_f1"] == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)
+    assert scores["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))  # tp 3, fp 2, fn 1
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    perfect = multilabel_scores(TRUE, TRUE.astype(np.float32))
+    assert perfect["micro_f1"] == perfect["exact_match"] == 1.0 and perfect["macro_f1"] == pytest.approx(3 / 4)
+    with pytest.raises(ValueError):
+        multilabel_scores(PRED, TRUE[:, :3])
+
+
+def test_compute_metrics_per_task() -> None:
+    logits = np.array([[0.1, 0.9], [2.0, -1.0]])
+    assert compute_metrics("classification", logits, np.array([1, 1])) == {"accuracy": 0.5}
+    scores = compute_metrics("regression", np.array([[1.0], [2.0], [3.0], [4.0]]), np.array([1, 3, 2, 4], np.float32))
+    assert scores == pytest.approx({"pearson": 0.8, "spearman": 0.8, "mse": 0.5})
+    # multilabel: a label is predicted when its logit is above 0 (probability above 1/2); exactly 0 is not
+    ml_logits = np.where(PRED > 0, 2.0, -2.0)
+    ml_logits[1, 2] = 0.0
+    assert compute_metrics("multilabel", ml_logits, TRUE.astype(np.float32)) == multilabel_scores(PRED, TRUE)
+    assert set(MAIN_METRIC) == {"classification", "regression", "multilabel"}
+    for task, name in MAIN_METRIC.items():
+        outputs = {"classification": logits, "regression": logits[:, 0], "multilabel": logits}[task]
+        labels = {"classification": np.array([1, 0]), "regression": np.array([0.0, 1.0]),
+                  "multilabel": np.array([[0, 1], [1, 0]], np.float32)}[task]
+        assert name in compute_metrics(task, outputs, labels)
+    with pytest.raises(ValueError):
+        compute_metrics("ranking", logits, np.array([1, 1]))
+
+
+def test_against_scipy_on_random_data_with_ties() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (5, 50, 500):
+        x = rng.integers(0, 6, n).astype(float)  # STS-B-like: many ties
+        y = x + rng.normal(0, 1.5, n)
+        y[: n // 5] = np.round(y[: n // 5])
+        assert pearson(y, x) == pytest.approx(stats.pearsonr(y, x)[0], abs=1e-12)
+        assert spearman(y, x) == pytest.approx(stats.spearmanr(y, x)[0], abs=1e-12)
+        assert np.array_equal(rankdata(y), stats.rankdata(y))
+
+
+def test_against_sklearn_on_random_data() -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    true = (rng.random((200, 7)) < 0.3).astype(int)
+    pred = np.where(rng.random((200, 7)) < 0.8, true, 1 - true)
+    pred[:, 6] = true[:, 6] = 0  # a label that never occurs
+    scores = multilabel_scores(pred, true)
+    assert scores["micro_f1"] == pytest.approx(sk.f1_score(true, pred, average="micro", zero_division=0))
+    assert scores["macro_f1"] == pytest.approx(sk.f1_score(true, pred, average="macro", zero_division=0))
+    assert scores["exact_match"] == pytest.approx(sk.accuracy_score(true, pred))
