@@ -86,7 +86,7 @@ def test_mrpc_columns_with_bom_and_spaces_and_case_folding(tmp_path: Path) -> No
     path = tmp_path / "mrpc.tsv"
     path.write_bytes("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said.\tHe told.\n"
                      "0\t3\t4\tIt rained.\tThe sun shone.\n".encode())
-    train, _ = load_data(str(path), str(path), text_columns=("#1 String", "#2 String"), label_column="quality")
+    train, _ = load_data(str(path), str(path), text_columns=("#1 String", "#2 STRING"), label_column="quality")
     assert (train.texts, train.text_pairs, train.labels) == (["He said.", "It rained."], ["He told.", "The sun shone."],
                                                              [1, 0])
 
