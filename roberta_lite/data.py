@@ -49,6 +49,7 @@ __all__ = [
     "IMDB_BYTES",
     "IMDB_SHA256",
     "IMDB_URL",
+    "MULTILABEL_SEPARATOR",
     "TASKS",
     "DataError",
     "TextDataset",
@@ -341,9 +342,8 @@ class TextDataset:
         idx = [int(i) for i in indices]
         texts = [self.texts[i] for i in idx]
         pairs = None if self.text_pairs is None else [self.text_pairs[i] for i in idx]
-        replaced = 0
-        if self.replaced:
-            replaced = sum("\ufffd" in t or (pairs is not None and "\ufffd" in pairs[k]) for k, t in enumerate(texts))
+        joined = texts if pairs is None else [a + b for a, b in zip(texts, pairs)]
+        replaced = sum("\ufffd" in t for t in joined) if self.replaced else 0
         labels = [self.labels[i] for i in idx]
         return TextDataset(texts, labels, list(self.label_names), self.source, replaced, pairs, self.task)
 
