@@ -1,12 +1,14 @@
-"""Data handling for adapter fine-tuning on text classification.
+"""Data handling for adapter fine-tuning on text classification, regression and multi-label tasks.
 
 Everything ``train.py --data ...`` needs between a path on disk and a padded batch of token ids:
 
 * reading labelled text from the IMDB archive (downloaded and checksummed on demand), an extracted
-  ``aclImdb`` tree, a CSV/TSV file or a JSON Lines file (:func:`load_data`);
+  ``aclImdb`` tree, a CSV/TSV file or a JSON Lines file (:func:`load_data`), one text or a pair of
+  texts per example (``text`` + ``text_pair``, or any two named columns such as GLUE's
+  ``sentence1``/``sentence2``), with a class, a score (regression) or a set of labels (multi-label);
 * deterministic train/validation/test splits (:func:`train_val_split`);
 * a content-addressed token cache, so the second run of an experiment skips tokenization
-  (:func:`tokenize_cached`);
+  (:func:`tokenize_cached`, :func:`tokenize_dataset`);
 * length-bucketed batching, so little compute is spent on padding, and sharding for
   DistributedDataParallel (:func:`length_batches`, :func:`shard`, :func:`collate`).
 
@@ -26,6 +28,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -33,7 +36,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -46,8 +49,11 @@ __all__ = [
     "IMDB_BYTES",
     "IMDB_SHA256",
     "IMDB_URL",
+    "MULTILABEL_SEPARATOR",
+    "TASKS",
     "DataError",
     "TextDataset",
+    "TokenizedSplit",
     "cache_dir",
     "collate",
     "download",
@@ -56,6 +62,7 @@ __all__ = [
     "padding_fraction",
     "shard",
     "tokenize_cached",
+    "tokenize_dataset",
     "train_val_split",
 ]
 
@@ -75,6 +82,12 @@ _IMDB_MEMBER = re.compile(r"^(?:\./)?(?:aclImdb/)?(train|test)/(pos|neg)/([^/]+\
 _IMDB_ID = re.compile(r"^(\d+)_\d+\.txt$")
 _BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
+#: The kinds of label :func:`load_data` reads: a class per text, a score per text, a set of classes per text.
+TASKS = ("classification", "regression", "multilabel")
+_TEXT_COLUMN, _PAIR_COLUMN, _LABEL_COLUMN = "text", "text_pair", "label"
+#: Separates the labels of one multi-label example in a CSV/TSV cell (``action|comedy``).
+MULTILABEL_SEPARATOR = "|"
+
 _TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
@@ -84,6 +97,7 @@ _ACCEPTED = (
 )
 
 _INTEGER = re.compile(r"^[+-]?\d+$")
+_DECIMAL = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _DOWNLOAD_TIMEOUT_S = 30.0
@@ -270,53 +284,87 @@ def download(url: str, dest: str | os.PathLike[str], *, sha256: str, size: int |
 
 @dataclass
 class TextDataset:
-    """Labelled texts for classification.
+    """Labelled texts (or text pairs) for one task of :data:`TASKS`.
 
-    ``labels[i]`` is an index into ``label_names``; ``source`` says where the examples came from (for
-    logs); ``replaced`` counts texts in which undecodable bytes were replaced by U+FFFD, so a run can
+    ``labels[i]`` depends on ``task``: an index into ``label_names`` (classification), a float
+    (regression; ``label_names`` is then the one name of the label column), or a sorted tuple of
+    indices into ``label_names`` (multilabel). ``text_pairs`` holds the second text of each example
+    for pair tasks (None otherwise). ``source`` says where the examples came from (for logs);
+    ``replaced`` counts examples in which undecodable bytes were replaced by U+FFFD, so a run can
     report it instead of silently training on mangled text.
     """
 
     texts: list[str]
-    labels: list[int]
+    labels: list
     label_names: list[str]
     source: str
     replaced: int = 0
+    text_pairs: list[str] | None = None
+    task: str = "classification"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"{self.source}: task {self.task!r} is not one of {', '.join(TASKS)}")
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{self.source}: {len(self.texts)} texts but {len(self.labels)} labels")
-        if self.labels and (min(self.labels) < 0 or max(self.labels) >= len(self.label_names)):
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
+            raise ValueError(f"{self.source}: {len(self.texts)} texts but {len(self.text_pairs)} second texts")
+        ids = [i for row in self.labels for i in row] if self.task == "multilabel" else self.labels
+        if self.task != "regression" and ids and (min(ids) < 0 or max(ids) >= len(self.label_names)):
             raise ValueError(f"{self.source}: labels must lie in 0..{len(self.label_names) - 1}")
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Iterable[int]) -> TextDataset:
-        """The examples at ``indices``, in that order, sharing this dataset's label names.
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's head: one score for regression, else one logit per label name."""
+        return 1 if self.task == "regression" else len(self.label_names)
 
-        ``replaced`` is recounted as the number of selected texts containing U+FFFD (exact unless
+    def label_array(self) -> np.ndarray:
+        """Labels as the loss wants them: int64 ``(N,)`` class ids, float32 ``(N,)`` scores, or a float32
+        ``(N, K)`` multi-hot matrix (``K = len(label_names)``) for multilabel."""
+        if self.task == "classification":
+            return np.asarray(self.labels, dtype=np.int64).reshape(len(self))
+        if self.task == "regression":
+            return np.asarray(self.labels, dtype=np.float32).reshape(len(self))
+        hot = np.zeros((len(self), len(self.label_names)), dtype=np.float32)
+        for row, ids in enumerate(self.labels):
+            hot[row, list(ids)] = 1.0
+        return hot
+
+    def subset(self, indices: Iterable[int]) -> TextDataset:
+        """The examples at ``indices``, in that order, sharing this dataset's label names and task.
+
+        ``replaced`` is recounted as the number of selected examples containing U+FFFD (exact unless
         the original data itself contained U+FFFD).
         """
         idx = [int(i) for i in indices]
         texts = [self.texts[i] for i in idx]
-        replaced = sum("\ufffd" in t for t in texts) if self.replaced else 0
-        return TextDataset(texts, [self.labels[i] for i in idx], list(self.label_names), self.source, replaced)
+        pairs = None if self.text_pairs is None else [self.text_pairs[i] for i in idx]
+        joined = texts if pairs is None else [a + b for a, b in zip(texts, pairs)]
+        replaced = sum("\ufffd" in t for t in joined) if self.replaced else 0
+        labels = [self.labels[i] for i in idx]
+        return TextDataset(texts, labels, list(self.label_names), self.source, replaced, pairs, self.task)
 
 
 @dataclass
 class _Records:
     """Examples as read from one file, before labels are mapped to class ids.
 
-    Raw labels are kept (ints or names) with a location per example, so that a label that turns out
-    to be unknown only later (a test label unseen in training) can still be reported by file and line.
+    Parsed labels are kept (ints or names, floats, or tuples of those) with a location per example,
+    so that a label that turns out to be unknown only later (a test label unseen in training) can
+    still be reported by file and line. ``columns`` are the text columns actually read (one, or two
+    for pairs, whose second texts are in ``pairs``).
     """
 
     texts: list[str]
-    labels: list[int | str]
+    labels: list
     where: list[str]
     replaced: list[bool]
     source: str
+    pairs: list[str] | None = None
+    columns: tuple[str, ...] = (_TEXT_COLUMN,)
 
     def take(self, indices: Sequence[int], source: str) -> _Records:
         return _Records(
@@ -325,7 +373,59 @@ class _Records:
             [self.where[i] for i in indices],
             [self.replaced[i] for i in indices],
             source,
+            None if self.pairs is None else [self.pairs[i] for i in indices],
+            self.columns,
         )
+
+    def add(self, texts: list[tuple[str, bool]], label: object, where: str) -> None:
+        """Append one example: its text (and second text) as ``(text, replaced)``, its parsed label."""
+        self.texts.append(texts[0][0])
+        if self.pairs is not None:
+            self.pairs.append(texts[1][0])
+        self.labels.append(label)
+        self.where.append(where)
+        self.replaced.append(any(replaced for _, replaced in texts))
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where a CSV/TSV/JSONL file keeps its texts and labels, and how its labels are read.
+
+    ``texts`` names one text column, or two for sentence pairs. With ``optional_pair`` (the default
+    columns) a ``text_pair`` column, when the file has one, makes it a pair file.
+    """
+
+    texts: tuple[str, ...] = (_TEXT_COLUMN,)
+    label: str = _LABEL_COLUMN
+    task: str = "classification"
+    optional_pair: bool = True
+
+    def with_pair(self, present: bool) -> _Columns:
+        """The columns of one file, once it is known whether it has the optional ``text_pair``."""
+        texts = self.texts + (_PAIR_COLUMN,) if present and self.optional_pair else self.texts
+        return _Columns(texts, self.label, self.task, optional_pair=False)
+
+
+def _columns(text_columns: Sequence[str] | None, label_column: str | None, task: str) -> _Columns:
+    """Check the user's column names and task; a mistake is a DataError naming the value."""
+    if task not in TASKS:
+        raise DataError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    label = _LABEL_COLUMN if label_column is None else label_column
+    if not isinstance(label, str) or not label.strip():
+        raise DataError(f"label column {_show(label)} is not a column name")
+    if text_columns is None:
+        return _Columns(label=label, task=task)
+    names = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
+    if not 1 <= len(names) <= 2 or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DataError(f"text columns {_show(list(names))}: give one column name, or two for sentence pairs")
+    if len(set(names + (label,))) != len(names) + 1:
+        raise DataError(f"text columns {', '.join(names)} and label column {label}: each must be a different column")
+    return _Columns(names, label, task, optional_pair=False)
+
+
+def _new_records(source: str, columns: _Columns) -> _Records:
+    pairs: list[str] | None = [] if len(columns.texts) == 2 else None
+    return _Records([], [], [], [], source, pairs, columns.texts)
 
 
 def _fix_surrogates(text: str) -> tuple[str, bool]:
@@ -433,8 +533,13 @@ def _find_column(header: list[str], name: str) -> int | None:
     """Index of column ``name``: an exact match, else a unique case-insensitive one."""
     if name in header:
         return header.index(name)
-    folded = [i for i, column in enumerate(header) if column.casefold() == name]
+    folded = [i for i, column in enumerate(header) if column.casefold() == name.casefold()]
     return folded[0] if len(folded) == 1 else None
+
+
+def _and(names: Sequence[str]) -> str:
+    quoted = [repr(name) for name in names]
+    return ", ".join(quoted[:-1]) + " and " + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
 def _parse_label(value: object, where: str) -> int | str:
@@ -459,74 +564,145 @@ def _parse_label(value: object, where: str) -> int | str:
     return number
 
 
-def _check_text(value: object, where: str) -> tuple[str, bool]:
-    if not isinstance(value, str):
-        raise DataError(f"{where}: text {_show(value)} is not a string")
+def _parse_score(value: object, where: str) -> float:
+    """A regression target: a JSON number or a decimal string (``3.8``, ``-1e-3``); never NaN or infinite."""
+    if isinstance(value, str) and _DECIMAL.match(value.strip()):
+        number = float(value.strip())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+    else:
+        raise DataError(f"{where}: label {_show(value)} is not a number; regression labels are numbers such as 3.8")
+    if not math.isfinite(number):
+        raise DataError(f"{where}: label {_show(value)} is not a finite number")
+    return number
+
+
+def _label_set(items: list[object], where: str) -> tuple[int | str, ...]:
+    """The labels of one multilabel example, each checked like a class label; a repeated one is a mistake."""
+    labels = tuple(_parse_label(item, where) for item in items)
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            raise DataError(f"{where}: label {_show(label)} is listed twice")
+    return labels
+
+
+def _parse_label_list(value: object, where: str) -> tuple[int | str, ...]:
+    """Multilabel in JSON Lines: a non-empty list of class ids or names, ``["action", "comedy"]``."""
+    if not isinstance(value, list):
+        raise DataError(
+            f"{where}: label {_show(value)} is not a list; multilabel labels are lists such as [\"action\", \"comedy\"]"
+        )
+    if not value:
+        raise DataError(f"{where}: empty label list; a multilabel example needs at least one label")
+    return _label_set(value, where)
+
+
+def _parse_label_cell(value: str, where: str) -> tuple[int | str, ...]:
+    """Multilabel in a CSV/TSV cell: labels separated by ``|``, ``action|comedy``."""
     if not value.strip():
-        raise DataError(f"{where}: empty text")
+        raise DataError(f"{where}: no labels; a multilabel example needs at least one (e.g. action|comedy)")
+    return _label_set(value.split(MULTILABEL_SEPARATOR), where)
+
+
+def _label_parser(task: str, cell: bool) -> Callable[[object, str], object]:
+    """How a raw label becomes a parsed one for ``task``; ``cell``: the raw label is CSV/TSV text."""
+    if task == "regression":
+        return _parse_score
+    if task == "multilabel":
+        return _parse_label_cell if cell else _parse_label_list  # type: ignore[return-value]
+    return _parse_label
+
+
+def _check_text(value: object, where: str, column: str) -> tuple[str, bool]:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {column!r} value {_show(value)} is not a string")
+    if not value.strip():
+        raise DataError(f"{where}: empty text in {column!r}")
     return _fix_surrogates(value)
 
 
-def _read_csv(path: Path, shown: str, delimiter: str) -> _Records:
-    """Read a CSV/TSV with a header row naming ``text`` and ``label`` columns (others ignored).
+def _add_example(records: _Records, values: list[object], where: str, parse: Callable[[object, str], object]) -> None:
+    """Check one example's texts (in ``records.columns`` order) and parse its label (the last value)."""
+    texts = [_check_text(value, where, column) for column, value in zip(records.columns, values)]
+    records.add(texts, parse(values[-1], where), where)
 
+
+def _header_columns(header: list[str], columns: _Columns, shown: str) -> tuple[_Columns, list[int]]:
+    """Resolve the columns of a CSV/TSV from its header: the file's columns and their indices (label last)."""
+    if columns.optional_pair:
+        columns = columns.with_pair(_find_column(header, _PAIR_COLUMN) is not None)
+    names = columns.texts + (columns.label,)
+    index = [_find_column(header, name) for name in names]
+    missing = [name for name, col in zip(names, index) if col is None]
+    if missing:
+        what = " and no ".join(repr(name) for name in missing)
+        raise DataError(f"{shown}: no {what} column (columns: {', '.join(header)})")
+    return columns, index  # type: ignore[return-value]
+
+
+def _read_csv(path: Path, shown: str, delimiter: str, columns: _Columns = _Columns()) -> _Records:
+    """Read a CSV/TSV with a header row naming the text and label columns (others ignored).
+
+    A ``.csv`` is quoted CSV (texts may hold commas and line breaks inside quotes); a ``.tsv`` is read
+    literally, one example per line with no quoting, as GLUE writes it (its texts contain stray ``"``).
     Line numbers in errors are the physical line on which the offending record starts, so they
     stay right when quoted texts span several lines.
     """
-    records = _Records([], [], [], [], shown)
+    parse = _label_parser(columns.task, cell=True)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    records: _Records | None = None
     old_limit = csv.field_size_limit(2**31 - 1)  # reviews can exceed the 128 KiB default field size
     try:
         with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header: list[str] | None = None
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
             previous = 0
             try:
                 for row in reader:
                     start, previous = previous + 1, reader.line_num
                     if not row or (len(row) == 1 and not row[0].strip()):
                         continue
-                    if header is None:
+                    if records is None:
                         header = [_fix_surrogates(column.strip())[0] for column in row]
-                        text_col = _find_column(header, "text")
-                        label_col = _find_column(header, "label")
-                        missing = [name for name, col in (("text", text_col), ("label", label_col)) if col is None]
-                        if missing:
-                            what = " and no ".join(repr(name) for name in missing)
-                            raise DataError(f"{shown}: no {what} column (columns: {', '.join(header)})")
+                        file_columns, index = _header_columns(header, columns, shown)
+                        records = _new_records(shown, file_columns)
                         continue
                     where = f"{shown} line {start}"
-                    for name, col in (("text", text_col), ("label", label_col)):
-                        if col >= len(row):  # type: ignore[operator]
+                    for name, col in zip(file_columns.texts + (file_columns.label,), index):
+                        if col >= len(row):
                             raise DataError(
                                 f"{where}: no {name!r} value (the row has {len(row)} fields, the header {len(header)})"
                             )
-                    text, replaced = _check_text(row[text_col], where)  # type: ignore[index]
-                    records.labels.append(_parse_label(row[label_col], where))  # type: ignore[index]
-                    records.texts.append(text)
-                    records.where.append(where)
-                    records.replaced.append(replaced)
+                    _add_example(records, [row[col] for col in index], where, parse)
             except csv.Error as err:
                 raise DataError(f"{shown} line {reader.line_num}: malformed CSV ({err})") from err
     finally:
         csv.field_size_limit(old_limit)
-    if header is None:
-        raise DataError(f"{shown}: empty file (expected a header row with 'text' and 'label' columns)")
+    if records is None:
+        raise DataError(f"{shown}: empty file (expected a header row with {_and(columns.texts + (columns.label,))} columns)")
     return records
 
 
 _NOT_JSON_LINES = "looks like a JSON array; expected JSON Lines (one object per line)"
 
 
-def _read_jsonl(path: Path, shown: str) -> _Records:
-    """Read JSON Lines: one object with ``text`` and ``label`` per line (blank lines allowed)."""
-    records = _Records([], [], [], [], shown)
-    first = True
+def _read_jsonl(path: Path, shown: str, columns: _Columns = _Columns()) -> _Records:
+    """Read JSON Lines: one object with the text field(s) and the label per line (blank lines allowed).
+
+    With the default columns, the first object decides whether the file holds pairs (a ``text_pair``
+    field); every other line must then agree.
+    """
+    parse = _label_parser(columns.task, cell=False)
+    records: _Records | None = None
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.decode("utf-8", "surrogateescape").lstrip("\ufeff")
             if not line.strip():
                 continue
             where = f"{shown} line {lineno}"
+            first = records is None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -535,49 +711,73 @@ def _read_jsonl(path: Path, shown: str) -> _Records:
                 raise DataError(f"{where}: invalid JSON ({err.msg})") from err
             if first and isinstance(obj, list):
                 raise DataError(f"{shown}: {_NOT_JSON_LINES}")
-            first = False
+            if records is None:
+                records = _new_records(shown, columns.with_pair(isinstance(obj, dict) and _PAIR_COLUMN in obj))
+            names = records.columns + (columns.label,)
             if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with 'text' and 'label', got {_show(obj)}")
-            for name in ("text", "label"):
+                raise DataError(f"{where}: expected a JSON object with {_and(names)}, got {_show(obj)}")
+            for name in names:
                 if name not in obj:
                     raise DataError(f"{where}: no {name!r} field (keys: {', '.join(map(str, obj))})")
-            text, replaced = _check_text(obj["text"], where)
-            records.labels.append(_parse_label(obj["label"], where))
-            records.texts.append(text)
-            records.where.append(where)
-            records.replaced.append(replaced)
-    if first:
+            if columns.optional_pair and records.pairs is None and _PAIR_COLUMN in obj:
+                raise DataError(
+                    f"{where}: a {_PAIR_COLUMN!r} field, but {records.where[0]} has none; "
+                    "either every example is a pair of texts or none is"
+                )
+            _add_example(records, [obj[name] for name in names], where, parse)
+    if records is None:
         raise DataError(f"{shown}: no examples (the file is empty)")
     return records
 
 
-def _check_label_kinds(records: _Records) -> None:
-    """Labels of one file must be all integer class ids or all names; report the odd one out.
+def _class_labels(records: _Records, task: str) -> tuple[list, list[str]]:
+    """Each class label with its location: one per example, or every label of a multilabel example."""
+    if task != "multilabel":
+        return records.labels, records.where
+    flat = [(label, where) for labels, where in zip(records.labels, records.where) for label in labels]
+    return [label for label, _ in flat], [where for _, where in flat]
+
+
+def _check_label_kinds(records: _Records, task: str) -> None:
+    """Class labels of one file must be all integer class ids or all names; report the odd one out.
 
     The minority kind is taken to be the mistake (e.g. one ``maybe`` among thousands of 0/1s).
     """
-    ints = [i for i, label in enumerate(records.labels) if isinstance(label, int)]
-    n_names = len(records.labels) - len(ints)
+    if task == "regression":
+        return
+    labels, where = _class_labels(records, task)
+    ints = [i for i, label in enumerate(labels) if isinstance(label, int)]
+    n_names = len(labels) - len(ints)
     if not ints or not n_names:
         return
-    first_name = next(i for i, label in enumerate(records.labels) if isinstance(label, str))
+    first_name = next(i for i, label in enumerate(labels) if isinstance(label, str))
     if len(ints) >= n_names:
         example = ints[0]
         raise DataError(
-            f"{records.where[first_name]}: label {_show(records.labels[first_name])} is neither an integer "
+            f"{where[first_name]}: label {_show(labels[first_name])} is neither an integer "
             f"nor a known label name (the other labels in {records.source} are integer class ids, "
-            f"e.g. {records.where[example]}: {records.labels[example]}); labels must be all integers or all names"
+            f"e.g. {where[example]}: {labels[example]}); labels must be all integers or all names"
         )
     raise DataError(
-        f"{records.where[ints[0]]}: label {records.labels[ints[0]]} is an integer but the other labels in "
-        f"{records.source} are names (e.g. {records.where[first_name]}: {_show(records.labels[first_name])}); "
+        f"{where[ints[0]]}: label {labels[ints[0]]} is an integer but the other labels in "
+        f"{records.source} are names (e.g. {where[first_name]}: {_show(labels[first_name])}); "
         "labels must be all integers or all names"
     )
 
 
-def _read_source(spec: str) -> tuple[_Records, _Records | None]:
+def _check_imdb_columns(shown: str, columns: _Columns) -> None:
+    """An aclImdb source has one review and a pos/neg class per example; other column settings are mistakes."""
+    if columns.texts != (_TEXT_COLUMN,) or columns.label != _LABEL_COLUMN or columns.task != "classification":
+        raise DataError(
+            f"{shown}: aclImdb reviews are single texts with pos/neg classes; text columns, a label column "
+            f"and the {columns.task} task apply to .csv/.tsv/.jsonl files"
+        )
+
+
+def _read_source(spec: str, columns: _Columns = _Columns()) -> tuple[_Records, _Records | None]:
     """Read a data spec into (train records, official test records or None for flat files)."""
     if spec == "imdb":
+        _check_imdb_columns(spec, columns)
         path = download(IMDB_URL, cache_dir() / "aclImdb_v1.tar.gz", sha256=IMDB_SHA256, size=IMDB_BYTES)
         shown = str(path)
     else:
@@ -589,16 +789,15 @@ def _read_source(spec: str) -> tuple[_Records, _Records | None]:
     name = path.name.lower()
     try:
         if path.is_dir():
+            _check_imdb_columns(shown, columns)
             splits = _read_imdb_dir(path, shown)
-        elif path.suffix.lower() in _TEXT_SUFFIXES:
-            records = _read_csv(path, shown, _TEXT_SUFFIXES[path.suffix.lower()])
-            _check_label_kinds(records)
-            return records, None
-        elif name.endswith(_JSONL_SUFFIXES):
-            records = _read_jsonl(path, shown)
-            _check_label_kinds(records)
+        elif path.suffix.lower() in _TEXT_SUFFIXES or name.endswith(_JSONL_SUFFIXES):
+            delimiter = _TEXT_SUFFIXES.get(path.suffix.lower())
+            records = _read_csv(path, shown, delimiter, columns) if delimiter else _read_jsonl(path, shown, columns)
+            _check_label_kinds(records, columns.task)
             return records, None
         elif tarfile.is_tarfile(path):
+            _check_imdb_columns(shown, columns)
             splits = _read_imdb_archive(path, shown)
         elif name.endswith(_ARCHIVE_SUFFIXES):
             raise DataError(f"{shown}: not a readable tar archive (corrupt or incomplete download?)")
@@ -612,28 +811,44 @@ def _read_source(spec: str) -> tuple[_Records, _Records | None]:
     return splits["train"], splits["test"]
 
 
-def _label_space(records: _Records) -> list[str]:
-    """Label names of a training file: ``0..max`` for class ids, else the names sorted alphabetically."""
-    if not records.labels:
+def _label_space(records: _Records, columns: _Columns) -> list[str]:
+    """Label names of a training file: ``0..max`` for class ids, else the names sorted alphabetically.
+
+    For regression it is the one name of the label column (the model's single output).
+    """
+    if columns.task == "regression":
+        return [columns.label]
+    labels, _ = _class_labels(records, columns.task)
+    if not labels:
         return []
-    if isinstance(records.labels[0], int):
-        return [str(i) for i in range(max(records.labels) + 1)]  # type: ignore[type-var]
-    return sorted(set(records.labels))  # type: ignore[arg-type]
+    if isinstance(labels[0], int):
+        return [str(i) for i in range(max(labels) + 1)]
+    return sorted(set(labels))
 
 
-def _to_dataset(records: _Records, label_names: list[str], train_source: str) -> TextDataset:
-    """Map raw labels to class ids of ``label_names``, naming the first label that has none."""
+def _to_dataset(records: _Records, label_names: list[str], train_source: str, task: str) -> TextDataset:
+    """Map parsed labels to class ids of ``label_names``, naming the first label that has none."""
     index = {name: i for i, name in enumerate(label_names)}
-    ids: list[int] = []
-    for label, where in zip(records.labels, records.where):
-        class_id = index.get(str(label))
-        if class_id is None:
+
+    def class_id(label: object, where: str) -> int:
+        found = index.get(str(label))
+        if found is None:
             raise DataError(
                 f"{where}: label {_show(label)} does not occur in the training data "
                 f"{train_source} (labels: {_show_names(label_names)})"
             )
-        ids.append(class_id)
-    return TextDataset(records.texts, ids, list(label_names), records.source, sum(records.replaced))
+        return found
+
+    pairs = list(zip(records.labels, records.where))
+    if task == "regression":
+        labels: list = list(records.labels)
+    elif task == "multilabel":
+        labels = [tuple(sorted(class_id(label, where) for label in row)) for row, where in pairs]
+    else:
+        labels = [class_id(label, where) for label, where in pairs]
+    return TextDataset(
+        records.texts, labels, list(label_names), records.source, sum(records.replaced), records.pairs, task
+    )
 
 
 def _split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -655,12 +870,26 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 def load_data(
-    spec: str, test_spec: str | None = None, *, seed: int = 0, test_fraction: float = 0.2
+    spec: str,
+    test_spec: str | None = None,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    text_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    task: str = "classification",
 ) -> tuple[TextDataset, TextDataset]:
     """Load ``(train, test)`` datasets from a data spec.
 
     ``spec`` is ``"imdb"`` (downloaded once into :func:`cache_dir`), an aclImdb ``.tar.gz``/``.tar``
     archive or extracted directory, a ``.csv``/``.tsv`` file, or a ``.jsonl``/``.json`` lines file.
+
+    Flat files keep their texts in ``text`` (and, for sentence pairs, ``text_pair`` when the file has
+    one) and their labels in ``label``, or in the columns (JSON keys) named by ``text_columns`` (one
+    name, or two for pairs, e.g. ``("sentence1", "sentence2")``) and ``label_column``. ``task`` says
+    how labels are read: ``"classification"`` (a class id or name), ``"regression"`` (a number) or
+    ``"multilabel"`` (a JSON list, or ``a|b`` in a CSV/TSV cell). The test file must have the same
+    columns as the training file.
 
     The test split is, in order of preference: ``test_spec`` (any of the same formats; for an aclImdb
     source its ``test/`` reviews), the official ``test/`` split of an aclImdb source, or a seeded
@@ -670,18 +899,21 @@ def load_data(
     output for it.
     """
     _check_fraction("test_fraction", test_fraction)
-    train_records, test_records = _read_source(spec)
+    columns = _columns(text_columns, label_column, task)
+    train_records, test_records = _read_source(spec, columns)
     if not train_records.texts:
         raise DataError(f"{spec}: no labelled training reviews found (expected {_IMDB_GLOBS})")
-    label_names = _label_space(train_records)
-    if len(label_names) < 2:
+    label_names = _label_space(train_records, columns)
+    if task == "classification" and len(label_names) < 2:
         raise DataError(
             f"{spec}: every training example has label {_show(str(train_records.labels[0]))}; "
             "a classifier needs at least two classes"
         )
 
     if test_spec is not None:
-        given_train, given_test = _read_source(test_spec)
+        # The test file is read with the training file's columns, pair or not: a model sees one layout.
+        test_columns = _Columns(train_records.columns, columns.label, task, optional_pair=False)
+        given_train, given_test = _read_source(test_spec, test_columns)
         if given_test is None:
             test_records = given_train
         elif given_test.texts:
@@ -697,8 +929,8 @@ def load_data(
         test_records = train_records.take(held, f"{spec} (held-out {percent}, seed {seed})")
         train_records = train_records.take(keep, f"{spec} (train, {len(keep)} of {len(keep) + len(held)})")
 
-    train = _to_dataset(train_records, label_names, train_records.source)
-    test = _to_dataset(test_records, label_names, train_records.source)
+    train = _to_dataset(train_records, label_names, train_records.source, task)
+    test = _to_dataset(test_records, label_names, train_records.source, task)
     return train, test
 
 
@@ -717,19 +949,29 @@ def train_val_split(ds: TextDataset, fraction: float = 0.05, seed: int = 0) -> t
 # Tokenization cache
 
 
-def _token_cache_key(texts: Sequence[str], fingerprint: str, max_length: int) -> str:
-    """sha256 over (tokenizer fingerprint, max_length, sha256 of all texts).
-
-    Each text is length-prefixed so that different splits of the same characters (["ab", "c"] vs
-    ["a", "bc"]) never collide.
-    """
-    texts_digest = hashlib.sha256()
+def _texts_digest(texts: Sequence[str]) -> bytes:
+    """sha256 of a list of texts, each length-prefixed so that ["ab", "c"] and ["a", "bc"] differ."""
+    digest = hashlib.sha256()
     for text in texts:
         encoded = text.encode("utf-8", "surrogatepass")
-        texts_digest.update(len(encoded).to_bytes(8, "little"))
-        texts_digest.update(encoded)
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.digest()
+
+
+def _token_cache_key(
+    texts: Sequence[str], fingerprint: str, max_length: int, text_pairs: Sequence[str] | None = None
+) -> str:
+    """sha256 over (tokenizer fingerprint, max_length, digest of the texts[, digest of the second texts]).
+
+    Every part is length-prefixed, so single texts and pairs never share a key; the key of single
+    texts is the one earlier versions wrote, so their caches stay valid.
+    """
+    parts = [fingerprint.encode("utf-8"), str(int(max_length)).encode("ascii"), _texts_digest(texts)]
+    if text_pairs is not None:
+        parts.append(b"pairs:" + _texts_digest(text_pairs))
     key = hashlib.sha256(_TOKEN_CACHE_VERSION)
-    for part in (fingerprint.encode("utf-8"), str(int(max_length)).encode("ascii"), texts_digest.digest()):
+    for part in parts:
         key.update(len(part).to_bytes(8, "little"))
         key.update(part)
     return key.hexdigest()
@@ -758,14 +1000,20 @@ def _load_tokens(path: Path, count: int) -> tuple[np.ndarray, np.ndarray] | None
     return ids, offsets
 
 
-def _encode_all(texts: Sequence[str], tokenizer: object, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def _encode_all(
+    texts: Sequence[str], tokenizer: object, max_length: int, text_pairs: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Encode in chunks (with a texts/s progress bar) into flat int32 ids plus int64 offsets."""
     pieces: list[np.ndarray] = []
     lengths = np.zeros(len(texts), dtype=np.int64)
     with tqdm(total=len(texts), unit="texts", desc="tokenizing") as bar:
         for start in range(0, len(texts), _ENCODE_CHUNK):
             chunk = list(texts[start : start + _ENCODE_CHUNK])
-            encoded = tokenizer.encode_batch(chunk, max_length)  # type: ignore[attr-defined]
+            if text_pairs is None:
+                encoded = tokenizer.encode_batch(chunk, max_length)  # type: ignore[attr-defined]
+            else:
+                pairs = list(text_pairs[start : start + _ENCODE_CHUNK])
+                encoded = tokenizer.encode_batch(chunk, max_length, text_pairs=pairs)  # type: ignore[attr-defined]
             if len(encoded) != len(chunk):
                 raise RuntimeError(f"tokenizer.encode_batch returned {len(encoded)} sequences for {len(chunk)} texts")
             sizes = [len(seq) for seq in encoded]
@@ -782,28 +1030,37 @@ def _encode_all(texts: Sequence[str], tokenizer: object, max_length: int) -> tup
 
 
 def tokenize_cached(
-    texts: list[str], tokenizer: object, max_length: int, *, cache: Path | None = None
+    texts: list[str],
+    tokenizer: object,
+    max_length: int,
+    *,
+    cache: Path | None = None,
+    text_pairs: list[str] | None = None,
 ) -> list[np.ndarray]:
-    """Token ids of each text (1-D int32 arrays), cached on disk by content.
+    """Token ids of each text, or of each ``(texts[i], text_pairs[i])`` pair joined with the special
+    tokens (1-D int32 arrays), cached on disk by content.
 
-    ``tokenizer`` needs ``encode_batch(texts, max_length) -> list[list[int]]`` and a ``fingerprint``
-    string identifying its definition. The cache file (one ``.npz`` of flat ``ids`` + ``offsets`` in
-    ``cache`` or ``cache_dir()/"tokens"``) is keyed by fingerprint, ``max_length`` and the texts, so
-    any change to one of them is a miss rather than stale ids. A damaged cache file is rebuilt; one
-    that cannot be written only costs the next run a re-tokenization. The returned arrays are views
-    into one buffer, which keeps 50k reviews in a single allocation.
+    ``tokenizer`` needs ``encode_batch(texts, max_length) -> list[list[int]]`` (and, for pairs,
+    ``encode_batch(texts, max_length, text_pairs=...)``) and a ``fingerprint`` string identifying its
+    definition. The cache file (one ``.npz`` of flat ``ids`` + ``offsets`` in ``cache`` or
+    ``cache_dir()/"tokens"``) is keyed by fingerprint, ``max_length``, the texts and the second
+    texts, so any change to one of them is a miss rather than stale ids. A damaged cache file is
+    rebuilt; one that cannot be written only costs the next run a re-tokenization. The returned
+    arrays are views into one buffer, which keeps 50k reviews in a single allocation.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(text_pairs)} second texts")
     if not texts:
         return []
     directory = Path(cache) if cache is not None else cache_dir() / "tokens"
     fingerprint = str(tokenizer.fingerprint)  # type: ignore[attr-defined]
-    path = directory / f"{_token_cache_key(texts, fingerprint, max_length)}.npz"
+    path = directory / f"{_token_cache_key(texts, fingerprint, max_length, text_pairs)}.npz"
 
     loaded = _load_tokens(path, len(texts))
     if loaded is None:
-        ids, offsets = _encode_all(texts, tokenizer, max_length)
+        ids, offsets = _encode_all(texts, tokenizer, max_length, text_pairs)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with _atomic_writer(path) as out:
@@ -813,6 +1070,33 @@ def tokenize_cached(
     else:
         ids, offsets = loaded
     return np.split(ids, offsets[1:-1])
+
+
+@dataclass
+class TokenizedSplit:
+    """One split ready for training: token ids per example (pairs already joined with the special
+    tokens), the label array of :meth:`TextDataset.label_array`, the label names and the task."""
+
+    seqs: list[np.ndarray]
+    labels: np.ndarray
+    label_names: list[str]
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (both texts and the special tokens), for :func:`length_batches`."""
+        return np.fromiter((len(seq) for seq in self.seqs), dtype=np.int64, count=len(self.seqs))
+
+
+def tokenize_dataset(
+    ds: TextDataset, tokenizer: object, max_length: int, *, cache: Path | None = None
+) -> TokenizedSplit:
+    """:func:`tokenize_cached` for a whole dataset, pairs included, with its labels as an array."""
+    seqs = tokenize_cached(ds.texts, tokenizer, max_length, cache=cache, text_pairs=ds.text_pairs)
+    return TokenizedSplit(seqs, ds.label_array(), list(ds.label_names), ds.task)
 
 
 # --------------------------------------------------------------------------------------------------

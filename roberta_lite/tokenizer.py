@@ -4,6 +4,14 @@ RoBERTa's tokenizer is GPT-2's byte-level BPE plus two special tokens around eve
 `<s> text </s>` (ids 0 and 2 in roberta-base), padding with `<pad>` (id 1). A checkpoint directory carries it
 either as one `tokenizer.json` or as the older pair `vocab.json` + `merges.txt`; both load here and give the
 same ids as transformers' `RobertaTokenizer(..., truncation=True)`.
+
+Sentence pairs are `<s> A </s></s> B </s>`, encoded by the Rust library exactly as transformers' fast tokenizer
+does (it calls the same code): when too long, the longer text is cut first ("longest_first"); when both must be
+cut, the budget `max_length - 4` is split in halves, the odd token going to the text that was longer (to the
+second on a tie). One deliberate difference: transformers' single-example call `tok(a, "")` treats an empty
+second text as no pair at all (`if text_pair` in `_encode_plus`), while its batch call and its slow tokenizer
+give `<s> a </s></s></s>`; here an empty second text is always a pair, so one example never depends on how it
+was batched.
 """
 
 from __future__ import annotations
@@ -61,25 +69,33 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, max_length: int = 512) -> list[int]:
+    def encode(self, text: str, text_pair: str | None = None, max_length: int = 512) -> list[int]:
         """Ids with the special tokens, cut to `max_length` (the end `</s>` is kept, as transformers does)."""
-        return self.encode_batch([text], max_length)[0]
+        return self.encode_batch([text], max_length, text_pairs=None if text_pair is None else [text_pair])[0]
 
-    def encode_batch(self, texts: list[str], max_length: int = 512) -> list[list[int]]:
-        """Encode many texts at once; the Rust library spreads them over all cores."""
-        if max_length < 2:
-            raise ValueError(f"max_length={max_length}: must leave room for the two special tokens")
-        self._tok.enable_truncation(max_length)
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+    def encode_batch(
+        self, texts: list[str], max_length: int = 512, *, text_pairs: list[str] | None = None
+    ) -> list[list[int]]:
+        """Encode many texts (or `(texts[i], text_pairs[i])` pairs) at once; the Rust library uses all cores."""
+        inputs = _inputs(texts, text_pairs)
+        needed = self._tok.num_special_tokens_to_add(text_pairs is not None)
+        if max_length < max(needed, 1):
+            what = "a pair" if text_pairs is not None else "a single text"
+            raise ValueError(f"max_length={max_length}: must leave room for the {needed} special tokens of {what}")
+        self._tok.enable_truncation(max_length, strategy="longest_first")
+        return [e.ids for e in self._tok.encode_batch(inputs)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def __call__(self, texts: str | list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, texts: str | list[str], text_pairs: str | list[str] | None = None, max_length: int = 512
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode and right-pad to a batch: (input_ids, attention_mask), both int64 of shape (B, T)."""
         if isinstance(texts, str):
             texts = [texts]
-        return self.pad(self.encode_batch(texts, max_length))
+            text_pairs = [text_pairs] if isinstance(text_pairs, str) else text_pairs
+        return self.pad(self.encode_batch(texts, max_length, text_pairs=text_pairs))
 
     def pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad id lists with `pad_id`; the mask marks real tokens with 1."""
@@ -90,6 +106,28 @@ class Tokenizer:
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         return ids, mask
+
+
+def _inputs(texts: list[str], text_pairs: list[str] | None) -> list[str] | list[tuple[str, str]]:
+    """What the Rust `encode_batch` takes: the texts, or (text, pair) tuples; anything else is a TypeError.
+
+    Checked here because `encode(text, 16)` (the old positional max_length) would otherwise reach Rust as a pair.
+    """
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, not a string")
+    if text_pairs is None:
+        return texts
+    if isinstance(text_pairs, str) or not isinstance(text_pairs, (list, tuple)):
+        raise TypeError(f"text_pairs must be a list of strings (one per text) or None, got {type(text_pairs).__name__}"
+                        " (pass max_length by keyword)")
+    if len(text_pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text_pairs")
+    for i, t in enumerate(text_pairs):
+        if not isinstance(t, str):
+            raise TypeError(f"text_pairs[{i}] is {type(t).__name__}, not a string (pass max_length by keyword)")
+    return list(zip(texts, text_pairs))
 
 
 def _byte_level_bpe(vocab: Path, merges: Path) -> _RustTokenizer:

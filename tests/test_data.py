@@ -341,7 +341,7 @@ ERROR_CASES = {
     "no columns": ("data.csv", "a,b\n1,2\n", "{path}: no 'text' and no 'label' column (columns: a, b)"),
     "no text column": ("data.csv", "label,body\n1,x\n", "{path}: no 'text' column (columns: label, body)"),
     "empty csv": ("data.csv", "", "{path}: empty file (expected a header row with 'text' and 'label' columns)"),
-    "empty text": ("data.csv", "text,label\nfine,0\n  ,1\n", "{path} line 3: empty text"),
+    "empty text": ("data.csv", "text,label\nfine,0\n  ,1\n", "{path} line 3: empty text in 'text'"),
     "missing label value": (
         "data.csv",
         "text,label\nfine,0\nshort\n",
@@ -382,7 +382,7 @@ ERROR_CASES = {
     "no text field": (
         "data.jsonl", '{"body": "a", "label": 0}\n', "{path} line 1: no 'text' field (keys: body, label)"
     ),
-    "text not a string": ("data.jsonl", '{"text": 5, "label": 0}\n', "{path} line 1: text 5 is not a string"),
+    "text not a string": ("data.jsonl", '{"text": 5, "label": 0}\n', "{path} line 1: 'text' value 5 is not a string"),
     "bool label": (
         "data.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": true}\n',
         "{path} line 2: label true is a boolean; labels must be integer class ids or label names",
