@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="'imdb' (the official archive, downloaded once into the cache), an aclImdb "
                    "archive or directory, or a .csv/.tsv/.jsonl file with 'text' and 'label' "
                    "(required unless --resume)")
+    g.add_argument("--task", choices=D.TASKS, default="classification",
+                   help="classification: one class per text; regression: one number (MSE loss, Pearson/Spearman); "
+                        "multilabel: a list of labels per text (JSON list or a|b in CSV; sigmoid + BCE, F1)")
+    g.add_argument("--text-columns", help="the text column, or two comma-separated columns for sentence pairs "
+                   "(default: 'text', plus 'text_pair' when the file has it; GLUE: e.g. sentence1,sentence2)")
+    g.add_argument("--label-column", help="the label column (default: 'label')")
     g.add_argument("--test-data", help="test split for a CSV/JSONL --data (default: a seeded held-out part of it)")
     g.add_argument("--test-fraction", type=_float_in(0, 1, True, True), default=0.2,
                    help="share of a CSV/JSONL file held out as test data when there is no --test-data")
@@ -412,7 +418,7 @@ def start(args: argparse.Namespace, argv: list[str] | None) -> Run:
         raise UsageError(f"--resume: the checkpoint was written by {resume[0]['world_size']} processes, "
                          f"this run has {world}; resume with the same number")
     config = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
-    return Run(args, rank, world, device, output, config, TASKS["classification"], resume)
+    return Run(args, rank, world, device, output, config, TASKS[args.task], resume)
 
 
 def resumed_args(saved: dict, argv: list[str] | None) -> argparse.Namespace:
@@ -443,8 +449,10 @@ def locate_base(run: Run) -> tuple[Path, str, Config]:
 def load_splits(run: Run, base_dir: Path, arch: Config) -> tuple[dict[str, Split], list[str], D.TextDataset]:
     """Train / validation (chooses the epoch) / test (used once, at the end), tokenized and cached on disk."""
     args, t0 = run.args, time.perf_counter()
-    train_ds, test_ds = rank0_first(run, lambda: D.load_data(args.data, args.test_data, seed=args.seed,
-                                                             test_fraction=args.test_fraction))
+    columns = tuple(c.strip() for c in args.text_columns.split(",")) if args.text_columns else None
+    train_ds, test_ds = rank0_first(run, lambda: D.load_data(
+        args.data, args.test_data, seed=args.seed, test_fraction=args.test_fraction, text_columns=columns,
+        label_column=args.label_column, task=args.task))
     label_names = list(train_ds.label_names)
     full = len(train_ds), len(test_ds)
 
@@ -467,9 +475,9 @@ def load_splits(run: Run, base_dir: Path, arch: Config) -> tuple[dict[str, Split
     tokenizer, cache, t0 = Tokenizer.from_pretrained(base_dir), Path(args.cache_dir) if args.cache_dir else None, \
         time.perf_counter()
     datasets = {"train": train_ds, "val": val_ds, "test": test_ds}
-    tokens = rank0_first(run, lambda: {k: D.tokenize_cached(ds.texts, tokenizer, args.max_length, cache=cache)
-                                       for k, ds in datasets.items()})
-    splits = {k: Split(tokens[k], run.task.label_tensor(ds.labels), len(ds)) for k, ds in datasets.items()}
+    tokens = rank0_first(run, lambda: {k: D.tokenize_dataset(ds, tokenizer, args.max_length, cache=cache)
+                                       for k, ds in datasets.items()})  # pairs joined: <s> A </s></s> B </s>
+    splits = {k: Split(t.seqs, run.task.label_tensor(t.labels), len(t)) for k, t in tokens.items()}
     lengths = np.array([len(s) for s in splits["train"].tokens])
     run.say(f"tokens: {lengths.sum():,} in training texts, mean {lengths.mean():.0f}, "
             f"{100 * np.mean(lengths >= args.max_length):.1f}% cut at {args.max_length} "
@@ -480,14 +488,15 @@ def load_splits(run: Run, base_dir: Path, arch: Config) -> tuple[dict[str, Split
     return splits, label_names, train_ds
 
 
-def build_model(run: Run, base_dir: Path, base_name: str, arch: Config, label_names: list[str]) -> Model:
+def build_model(run: Run, base_dir: Path, base_name: str, arch: Config, label_names: list[str],
+                num_outputs: int) -> Model:
     """The frozen base (bf16 on the fast path) with a fresh adapter and head (float32), the only trainable part."""
     torch.manual_seed(run.args.seed)  # the fresh adapter and head: identical on every rank
     dtype = select_dtype(run.args.precision, run.device)
     model = Model.from_pretrained(base_dir, dtype=dtype, device=run.device)
     model.set_dropout(hidden=run.args.dropout, attention=run.args.attention_dropout)
     name = re.sub(r"[^\w-]", "_", run.output.name) or "default"  # the adapter's name: its directory's
-    model.add_adapter(name, adapter_config(run.args), num_labels=len(label_names), labels=label_names,
+    model.add_adapter(name, adapter_config(run.args), num_labels=num_outputs, labels=label_names,
                       task=run.task.kind)  # always a fresh head, never a checkpoint's classifier
     model.name_or_path = base_name  # what the adapter records: a hub id, or an absolute directory
     summary = model.freeze_base()
@@ -732,7 +741,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
     run = start(args, argv)
     base_dir, base_name, arch = locate_base(run)
     splits, label_names, train_ds = load_splits(run, base_dir, arch)
-    model = build_model(run, base_dir, base_name, arch, label_names)
+    model = build_model(run, base_dir, base_name, arch, label_names, train_ds.num_outputs)
     opt, names = build_optimizer(run, model)
     progress, best_weights, stop_code = fit(run, model, opt, names, splits)
     if stop_code is not None:

@@ -394,6 +394,10 @@ def unmerge(model: "Model"):
 class AdapterMethods:
     """The adapter bookkeeping methods of model.Model (a mixin, so model.py keeps to the architecture)."""
 
+    merged_adapter: str | None = None  # a LoRA folded into the base weights (merge_adapter)
+    _unmerge: list = []  # (weight, its value before merging), to unmerge bit for bit
+    _fingerprint: str | None = None  # base_fingerprint(), computed once
+
     def delete_adapter(self, name: str) -> "Model":
         delete(self, name)
         return self

@@ -5,24 +5,28 @@ task. Each layer is two sublayers, each followed by a residual add and a LayerNo
 Transformer's order; GPT-2 and later models moved the norm before the sublayer). One layer, with the places where
 adapters sit:
 
-    x (B, T, C) ──┬─► qkv ─► attention ─► proj ─► dropout ─► h ──► [A_attn(h)]  Houlsby
-                  │  +LoRA                +LoRA              │          │
-                  └─────────────────────────────────────►  x + h + A_attn ─► LayerNorm ─► x
-                  ┌─────────────────────────────────────────────────────────────────────┘
-                  ├─► up (C→4C) ─► GELU ─► down (4C→C) ─► dropout ─► h ──► [A_ffn(a)]  Houlsby, Pfeiffer
-                  │   +LoRA                 +LoRA                    │          │
-                  └──────────────────────────────────────────────►  x + h + A_ffn ─► LayerNorm ─► x
+    x (B, T, C) ─┬─► qkv ─► attention ─► proj ─► dropout ─► h ─┬─► A_attn(h) ─────────┐  Houlsby only
+                 │   +LoRA                +LoRA                │                      │
+                 └───────────────────────────────────────► x + h ───────────────────► (+) ─► LayerNorm ─► x
+    x ───────────┬─► up (C→4C) ─► GELU ─► down (4C→C) ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
+                 │   +LoRA                 +LoRA                       │               │
+                 └───────────────────────────────────────────────► x + h ────────────► (+) ─► LayerNorm ─► x
+    (a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer; "+LoRA": that projection's output gains a LoRA term)
 
 Adapters are small trained modules added to a frozen pretrained model; one copy of the base serves every task.
   * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/r → C, ~1.4% of roberta-base's
     parameters at r = 16. Houlsby puts one after each sublayer, reading h:   x ← LN(x + h + A(h)).
     Pfeiffer puts one after the FFN only, reading the normalised sum:       x ← LN(x + h + A(LN(x + h)))
     (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig).
-  * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A x, with A: r × in and B: out × r,
-    on any of query, key, value, the attention output, FFN up and FFN down.
+  * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
+    B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, the attention output, FFN up and down.
 Both start as the identity (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
-the pretrained model. A model holds any number of named adapters (adapters.py); each forward uses the active one,
-or one per example.
+the pretrained model. Only the adapter and a classification head of its own train; the base stays frozen.
+
+Where adapters go, the model has a `Slot` (adapters.py): a dict from adapter name to module, empty until
+`add_adapter` fills it. `slot(route, *inputs)` returns the sum of the terms of the adapters this batch uses (the
+active one, or one per example: `route`), each computed on its own examples, and a zero that costs nothing
+when none sits there. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16 (the fast path); the residual
 stream, LayerNorms, adapters and heads are float32. kernels.py implements it in `Linear`, `LayerNorm` and
@@ -126,11 +130,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: A.Route | None,
                 first_only: bool = False) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x)  # (B, T, 3C)
-        qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)  # LoRA's update, back in the base's precision
+        qkv = self.qkv(x)  # (B, T, 3C): query | key | value
+        # One slot for the fused projection: a LoRA on query fills the first third of its (B, T, 3C) update and
+        # leaves zeros elsewhere (adapters.QKVLoRA). Cast back so q, k, v stay in the base's precision (bf16 path).
+        qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         if first_only:
             q = q[:, :, :1]  # only <s> asks (see Model.forward); every token still answers with its key and value
+        # (the padding mask is over keys, so it holds for one query row as for T)
         # softmax(q k^T / sqrt(C/H)) v, padding keys masked out (mask: (B, 1, 1, T)); the fused kernel or, for
         # training on CPU, the ops written out (faster backward there).
         y = K.attention(q, k, v, mask, self.dropout, self.training)  # (B, H, Tq, C/H)
@@ -192,7 +199,7 @@ class Embeddings(nn.Module):
         real = (ids != self.pad_id).int()  # (B, T)
         pos = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
         # Every token is segment 0: RoBERTa dropped BERT's sentence-pair embedding, but the table is kept.
-        x = self.tok(ids) + self.pos(pos) + self.token_type(ids.new_zeros(1))  # (B, T, C)
+        x = self.tok(ids) + self.pos(pos) + self.token_type(ids.new_zeros(1))  # (B, T, C); segment row: (1, C)
         return K.dropout(self.norm(x), self.dropout, self.training)
 
 
@@ -250,10 +257,7 @@ class Model(A.AdapterMethods, nn.Module):
         self.heads = nn.ModuleDict()  # adapter name -> its classification head
         self.adapter_configs: dict[str, AdapterConfig] = {}  # adapter name -> config, in the order added
         self.active_adapter: str | None = None
-        self.merged_adapter: str | None = None  # a LoRA folded into the base weights (merge_adapter)
-        self._unmerge: list = []
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
-        self._fingerprint: str | None = None
         self.apply(partial(W.init_fresh, std=config.initializer_range))  # BERT's init, for what no file gives
         if adapter is not None:
             self.add_adapter("default", adapter)
@@ -283,7 +287,7 @@ class Model(A.AdapterMethods, nn.Module):
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: A.Route | None,
                 first_only: bool = False) -> torch.Tensor:
-        mask = K.attention_mask(self.config, ids, attention_mask)  # (B, 1, 1, T) bool; None when nothing is padding
+        mask = K.attention_mask(self.config, ids, attention_mask)  # (B, 1, 1, T), True = real token; None: no padding
         x = self.embed(ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, route, first_only=first_only and i == len(self.layers) - 1)
@@ -298,13 +302,14 @@ class Model(A.AdapterMethods, nn.Module):
         """Add a fresh adapter `name` (the identity until trained) with its own classification head, and make it
         active. The head starts as a copy of the model's own classifier unless num_labels is given.
         `add_adapter(config)` alone is shorthand for the name "default"."""
-        if config is None and (not isinstance(name, str) or name in A.KINDS):
-            name, config, replace = "default", name, True
+        if config is None and (not isinstance(name, str) or name in A.KINDS):  # the single-adapter form of
+            name, config, replace = "default", name, True                    # earlier versions: add_adapter("houlsby")
         A.add(self, name, AdapterConfig.of(config or "houlsby"), num_labels, labels, task, replace)
         return self
 
     def freeze_base(self) -> str:
-        """Train only the active adapter and its head. Returns a summary like peft's print_trainable_parameters()."""
+        """Train only the active adapter and its head (everything else, LayerNorms and the model's own head included,
+        is frozen). Returns a summary like peft's print_trainable_parameters()."""
         return A.freeze_base(self)
 
     def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> "Model":
