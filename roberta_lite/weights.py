@@ -233,17 +233,21 @@ def resolve_checkpoint(name_or_path: str | Path, *, what: str = "model", local_d
                                 f"failed ({reason}); offline, give a local checkpoint directory instead") from None
 
 
-def read_config(root: Path) -> dict:
-    path = root / "config.json"
+def read_json(path: Path, needed_by: str) -> dict:
+    """A JSON object from `path`; a missing file, invalid JSON or another JSON value is an error naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (every checkpoint directory needs its config.json)")
+        raise FileNotFoundError(f"{path}: missing ({needed_by})")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_config(root: Path) -> dict:
+    return read_json(root / "config.json", "every checkpoint directory needs its config.json")
 
 
 class SafetensorsCheckpoint:

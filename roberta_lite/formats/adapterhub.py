@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from roberta_lite.formats import AdapterFile
-from roberta_lite.weights import CheckpointError, atomic_write
+from roberta_lite.weights import CheckpointError, atomic_write, read_json
 
 
 FORMAT = "adapterhub"
@@ -189,15 +189,7 @@ def read(directory: Path, hidden_size: int, num_layers: int) -> AdapterFile:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (an AdapterHub adapter directory holds {CONFIG})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
+    return read_json(path, f"an AdapterHub adapter directory holds {CONFIG}")
 
 
 def _name(meta: dict, path: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from roberta_lite.weights import CheckpointError, atomic_write
+from roberta_lite.weights import CheckpointError, atomic_write, read_json
 
 FORMAT = "roberta_lite"
 TAG = "roberta_lite.adapter/1"
@@ -31,16 +31,7 @@ def detect(directory: Path) -> bool:
 
 
 def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (not an adapter directory written by save_adapter)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return meta
+    return read_json(Path(directory) / "adapter_config.json", "not an adapter directory written by save_adapter")
 
 
 def read(directory: Path, hidden_size: int, num_layers: int):

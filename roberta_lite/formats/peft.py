@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from roberta_lite.formats import AdapterFile
-from roberta_lite.weights import CheckpointError, atomic_write
+from roberta_lite.weights import CheckpointError, atomic_write, read_json
 
 
 FORMAT = "peft"
@@ -166,15 +166,7 @@ def _validate(at: _Files, cfg: dict, theirs: dict[str, torch.Tensor], meta: dict
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a peft adapter directory has {CONFIG_FILE})")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json(path, f"a peft adapter directory has {CONFIG_FILE}")
 
 
 def _refuse(path: Path, cfg: dict, key: str, why: str):
