@@ -234,10 +234,12 @@ def expected_shapes(model: "Model", cfg: AdapterConfig, num_labels: int) -> dict
     return {f"{path}.{k}": tuple(p.shape) for path, m in modules.items() for k, p in m.named_parameters()}
 
 
-def add(model: "Model", name: str, cfg: AdapterConfig, num_labels: int | None, labels: Sequence[str] | None,
-        task: str, replace: bool):
+def add(model: "Model", name, cfg, num_labels: int | None, labels: Sequence[str] | None, task: str, replace: bool):
     from roberta_lite.model import ClassificationHead
 
+    if cfg is None and (not isinstance(name, str) or name in KINDS):  # add_adapter("houlsby"), of earlier versions
+        name, cfg, replace = "default", name, True
+    cfg = AdapterConfig.of(cfg or "houlsby")
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name {name!r}: expected a non-empty string without '.'")
     if name in model.adapter_configs and not replace:

@@ -15,7 +15,7 @@ adapters sit:
 
 Adapters are small trained modules added to a frozen pretrained model; one copy of the base serves every task.
   * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/r → C, ~1.4% of roberta-base's
-    parameters at r = 16. Houlsby puts one after each sublayer, reading h:   x ← LN(x + h + A(h)).
+    parameters for Houlsby's two per layer at r = 16. Houlsby puts one after each sublayer, reading h:   x ← LN(x + h + A(h)).
     Pfeiffer puts one after the FFN only, reading the normalised sum:       x ← LN(x + h + A(LN(x + h)))
     (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
@@ -24,9 +24,11 @@ Both start as the identity (the adapter's up-projection and LoRA's B are zero), 
 the pretrained model. Only the adapter and a classification head of its own train; the base stays frozen.
 
 Where adapters go, the model has a `Slot` (adapters.py): a dict from adapter name to module, empty until
-`add_adapter` fills it. `slot(route, *inputs)` returns the sum of the terms of the adapters this batch uses (the
-active one, or one per example: `route`), each computed on its own examples, and a zero that costs nothing
-when none sits there. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
+`add_adapter` fills it. `slot(route, *inputs)` passes its inputs to the adapters this batch uses (`route`: the
+active one, or one per example, each on its own examples) and returns the sum of their terms, or `adapters.ZERO`
+(adding it returns the other operand, no copy) when none sits there. A bottleneck slot's inputs are (h, x, norm),
+from which each kind picks what it reads; a LoRA slot's input is its projection's input. So
+`x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16 (the fast path); the residual
 stream, LayerNorms, adapters and heads are float32. kernels.py implements it in `Linear`, `LayerNorm` and
@@ -59,7 +61,7 @@ class Config:
     vocab_size: int = 50265
     hidden_size: int = 768  # C
     num_layers: int = 12
-    num_heads: int = 12  # C must divide evenly: head size 64
+    num_heads: int = 12  # must divide C: heads of 64 in roberta-base
     ffn_size: int = 3072  # 4C
     max_positions: int = 514  # 512 tokens + the pad_id+1 positions RoBERTa skips (see Embeddings)
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
@@ -131,8 +133,9 @@ class SelfAttention(nn.Module):
                 first_only: bool = False) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
-        # One slot for the fused projection: a LoRA on query fills the first third of its (B, T, 3C) update and
-        # leaves zeros elsewhere (adapters.QKVLoRA). Cast back so q, k, v stay in the base's precision (bf16 path).
+        # One slot for the fused projection: a LoRA adapter holds one LoRA per part it targets (adapters.QKVLoRA),
+        # each filling its third of the (B, T, 3C) update, zeros elsewhere. The cast keeps q, k, v in the base's
+        # precision (the bf16 path), since the LoRA term is float32.
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         if first_only:
@@ -287,7 +290,9 @@ class Model(A.AdapterMethods, nn.Module):
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: A.Route | None,
                 first_only: bool = False) -> torch.Tensor:
-        mask = K.attention_mask(self.config, ids, attention_mask)  # (B, 1, 1, T), True = real token; None: no padding
+        # ids checked against the vocabulary and length; the (B, T) 0/1 mask becomes a (B, 1, 1, T) key mask,
+        # True = real token, or None when the batch has no padding at all
+        mask = K.attention_mask(self.config, ids, attention_mask)
         x = self.embed(ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, route, first_only=first_only and i == len(self.layers) - 1)
@@ -300,11 +305,9 @@ class Model(A.AdapterMethods, nn.Module):
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
                     task: str = "classification", replace: bool = False) -> "Model":
         """Add a fresh adapter `name` (the identity until trained) with its own classification head, and make it
-        active. The head starts as a copy of the model's own classifier unless num_labels is given.
-        `add_adapter(config)` alone is shorthand for the name "default"."""
-        if config is None and (not isinstance(name, str) or name in A.KINDS):  # the single-adapter form of
-            name, config, replace = "default", name, True                    # earlier versions: add_adapter("houlsby")
-        A.add(self, name, AdapterConfig.of(config or "houlsby"), num_labels, labels, task, replace)
+        active. The head starts as a copy of the model's own classifier unless num_labels is given. (As in earlier
+        versions, `add_adapter(config)` alone replaces an adapter named "default".)"""
+        A.add(self, name, config, num_labels, labels, task, replace)
         return self
 
     def freeze_base(self) -> str:
