@@ -752,16 +752,17 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run training; user errors become one `error: ...` line on stderr (exit 2 for arguments, 1 otherwise)."""
+    """Run training; user errors become one `error: ...` line on stderr: exit 2 for a bad command line or data
+    file (DataError names the file, line or column), 1 for the rest (a missing model, a bad checkpoint)."""
     limit_heap_growth()
     rank = int(os.environ.get("RANK", "0"))
     prefix = "error: " if rank == 0 else f"error (rank {rank}): "
     try:
         return train(parse_args(argv), argv)
-    except UsageError as e:
-        print(prefix + str(e), file=sys.stderr)
+    except (UsageError, D.DataError) as e:
+        print(prefix + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except (D.DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(prefix + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -123,7 +123,7 @@ _ARCHIVE_ERRORS = _archive_errors()
 class DataError(ValueError):
     """A mistake in the user's data or paths, explained in one self-contained line.
 
-    The CLI prints ``error: <message>`` and exits 1, so the message must name the file, line and
+    The CLI prints ``error: <message>`` and exits 2, so the message must name the file, line and
     value at fault; line breaks are folded into spaces to keep it on one line.
     """
 

@@ -322,13 +322,13 @@ def _bad_cases(tmp: Path, model: Path) -> list[tuple[str, list[str], int, str]]:
     ok = write_jsonl(tmp / "ok.jsonl", rows)
     m = ["--model", str(model)]
     return [
-        ("missing data", ["--data", str(tmp / "nope.csv"), *m], 1, "data path not found"),
-        ("empty aclImdb dir", ["--data", str(tmp / "empty"), *m], 1, "no labelled"),
-        ("archive without reviews", ["--data", str(empty_tar), *m], 1, "no labelled"),
-        ("csv without label", ["--data", str(no_label), *m], 1, "no 'label' column"),
-        ("csv without text", ["--data", str(no_text), *m], 1, "no 'text' column"),
-        ("unknown label", ["--data", str(bad_label), *m], 1, "badlabel.csv line 7: label 'maybe'"),
-        ("malformed jsonl", ["--data", str(bad_json), *m], 1, "bad.jsonl line 3: invalid JSON"),
+        ("missing data", ["--data", str(tmp / "nope.csv"), *m], 2, "data path not found"),
+        ("empty aclImdb dir", ["--data", str(tmp / "empty"), *m], 2, "no labelled"),
+        ("archive without reviews", ["--data", str(empty_tar), *m], 2, "no labelled"),
+        ("csv without label", ["--data", str(no_label), *m], 2, "no 'label' column"),
+        ("csv without text", ["--data", str(no_text), *m], 2, "no 'text' column"),
+        ("unknown label", ["--data", str(bad_label), *m], 2, "badlabel.csv line 7: label 'maybe'"),
+        ("malformed jsonl", ["--data", str(bad_json), *m], 2, "bad.jsonl line 3: invalid JSON"),
         ("missing model", ["--data", str(ok), "--model", str(tmp / "no-model")], 1, "not found"),
         ("negative epochs", ["--data", str(ok), *m, "--epochs", "-1"], 2, "--epochs"),
         ("batch size 0", ["--data", str(ok), *m, "--batch-size", "0"], 2, "--batch-size"),
@@ -362,7 +362,7 @@ def test_imdb_offline_says_how_to_pass_a_local_copy(tiny_roberta, tmp_path, caps
 
     monkeypatch.setattr(D.urllib.request, "urlopen", offline)
     rc, _, err = run_main(["--data", "imdb", "--model", str(tiny_roberta), "--output", str(tmp_path / "o")], capsys)
-    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: ")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert "offline" in err and "--data" in err
 
 
