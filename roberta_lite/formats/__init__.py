@@ -73,6 +73,7 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
         cfg = A.AdapterConfig.of(f.config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+    _check_head(f, where)
     expected = A.expected_shapes(model, cfg, f.num_labels or 1)
     if f.num_labels is None:
         expected = {k: s for k, s in expected.items() if not k.startswith("head.")}
@@ -85,6 +86,19 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
             raise CheckpointError(f"{f.source or where}: tensor {k!r} has shape {tuple(t.shape)}, this model "
                                   f"expects {expected[k]} (adapter saved for another base?)")
     return replace(f, config=cfg)
+
+
+def _check_head(f: AdapterFile, where: Path) -> None:
+    """What the file says of its head: a positive number of outputs (or no head), one name per output, a task
+    roberta_lite knows; checked here so that adding the head cannot fail after the model has begun to change."""
+    n = f.num_labels
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise CheckpointError(f"{where}: num_labels {n!r}: expected a positive integer")
+    if f.labels is not None and (not isinstance(f.labels, list) or len(f.labels) != n
+                                 or not all(isinstance(x, str) for x in f.labels)):
+        raise CheckpointError(f"{where}: labels {f.labels!r}: expected {n} names, one per output")
+    if f.task not in A.TASKS:
+        raise CheckpointError(f"{where}: task {f.task!r}: expected one of {', '.join(A.TASKS)}")
 
 
 def add(model, f: AdapterFile, name: str | None = None, replace_existing: bool = False) -> str:
