@@ -397,6 +397,22 @@ def test_a_failed_load_leaves_the_model_exactly_as_it_was(fmt, how, ckpt, files,
         assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("key, value", [("labels", "neg pos"), ("labels", ["only one"]), ("num_labels", "two"),
+                                        ("num_labels", 0), ("task", "ranking")])
+def test_a_bad_head_record_is_refused_before_anything_changes(key, value, ckpt, files, tmp_path):
+    """What a roberta_lite adapter_config.json says of the head is checked with the tensors: a CheckpointError
+    naming the directory and the value (a TypeError or a bare ValueError was a traceback in predict's CLI)."""
+    d = shutil.copytree(files["roberta_lite"], tmp_path / "bad")
+    meta = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**meta, key: value}))
+    model = many(ckpt)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError) as e:
+        model.load_adapter(d, name="sentiment", replace=True)
+    assert str(d) in str(e.value) and repr(value) in str(e.value), str(e.value)
+    assert_unchanged(model, before)
+
+
 def test_another_base_of_the_same_shape_is_refused_by_fingerprint(ckpt, files, tmp_path):
     save_hf(tmp_path / "twin", "RobertaForSequenceClassification", seed=1, **SHAPE)
     model = many(tmp_path / "twin")
@@ -459,3 +475,79 @@ def test_merged_lora_serves_only_its_own_examples(ckpt):
             model(ids, mask, adapter=MIX)
         model.unmerge_adapter()
         assert torch.equal(model(ids, mask, adapter="lo"), want)
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+TEXTS = ["a wonderful film", "the plot was dull and boring", "it is quite moving really"]
+
+
+def trained_adapter(base: Path, out: Path, kind, labels: list[str], seed: int) -> Path:
+    """What train.py leaves: one adapter named "default" with its labels, saved beside nothing else."""
+    model = Model.from_pretrained(base)
+    model.add_adapter("default", kind, num_labels=len(labels), labels=labels)
+    randomize(model, seed=seed)
+    return model.save_adapter(out)
+
+
+@pytest.fixture(scope="module")
+def task_dirs(tiny_roberta, tmp_path_factory) -> dict[str, Path]:
+    from conftest import save_tiny_roberta
+
+    root = tmp_path_factory.mktemp("tasks")
+    other = save_tiny_roberta(root / "other-base", seed=1)
+    return {"sentiment": trained_adapter(tiny_roberta, root / "sentiment", "houlsby", ["neg", "pos"], 1),
+            "topic": trained_adapter(tiny_roberta, root / "topic", LORA, ["film", "plot", "acting"], 2),
+            "elsewhere": trained_adapter(other, root / "elsewhere", "pfeiffer", ["a", "b"], 3)}
+
+
+def test_predictor_runs_every_adapter_in_the_same_passes(task_dirs):
+    from roberta_lite.predict import Predictor
+
+    both = Predictor([task_dirs["sentiment"], task_dirs["topic"]], device="cpu", precision="fp32")
+    rows = []
+    both.model.embed.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    results = both(TEXTS, batch_size=4)  # 2 texts x 2 adapters per pass
+    assert rows == [4, 2], "each pass holds every adapter's rows for its texts"
+    for name in ("sentiment", "topic"):
+        alone = Predictor(task_dirs[name], device="cpu", precision="fp32")(TEXTS)
+        for got, want in zip(results, alone):
+            mine = got[str(task_dirs[name])]
+            assert mine["label"] == want["label"] and mine["probabilities"].keys() == want["probabilities"].keys()
+            assert all(abs(mine["probabilities"][k] - v) <= 2e-6 for k, v in want["probabilities"].items())
+    assert len({r[str(task_dirs["topic"])]["probability"] for r in results}) > 1  # the texts really differ
+
+
+def test_cli_prints_one_line_per_text_with_every_adapter(task_dirs, capsys):
+    from roberta_lite import predict
+
+    s, t = str(task_dirs["sentiment"]), str(task_dirs["topic"])
+    assert predict.main(["--adapter", s, "--adapter", t, "--device", "cpu", "--precision", "fp32", *TEXTS]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == TEXTS
+    for line in lines:
+        assert line.keys() == {"text", "adapters"} and list(line["adapters"]) == [s, t]
+        assert set(line["adapters"][s]["probabilities"]) == {"neg", "pos"}
+        assert set(line["adapters"][t]["probabilities"]) == {"film", "plot", "acting"}
+        for result in line["adapters"].values():
+            assert result["probability"] == max(result["probabilities"].values())
+            assert result["label"] == max(result["probabilities"], key=result["probabilities"].get)
+    # one adapter: the output as it always was
+    assert predict.main(["--adapter", s, "--device", "cpu", "--precision", "fp32", TEXTS[0]]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line.keys() == {"text", "label", "probability", "probabilities"} and line["label"] in ("neg", "pos")
+
+
+@pytest.mark.parametrize("which", ["other base", "same directory twice"])
+def test_cli_refuses_adapters_that_cannot_run_together(which, task_dirs, capsys, monkeypatch):
+    """Checked from the adapters' records before any model is loaded; one line, exit 2."""
+    from roberta_lite import predict
+
+    monkeypatch.setattr(predict.Model, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    s = str(task_dirs["sentiment"])
+    second = str(task_dirs["elsewhere"]) if which == "other base" else s + "/"
+    assert predict.main(["--adapter", s, "--adapter", second, "--device", "cpu", "text"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --adapter ") and err.count("\n") == 1 and "Traceback" not in err
+    assert second in err and s in err
+    assert ("share one base" in err) == (which == "other base")
