@@ -58,7 +58,12 @@ def detect(directory: Path):
 def read(source: str | os.PathLike, model) -> AdapterFile:
     """Read and fully check an adapter (a directory or hub id) against `model`, without changing the model."""
     d = resolve_checkpoint(source, what="adapter", patterns=ADAPTER_HUB_FILES)
-    return check(model, detect(d).read(d, model.config.hidden_size, model.config.num_layers), d)
+    fmt = detect(d)
+    f = fmt.read(d, model.config.hidden_size, model.config.num_layers)
+    if fmt.FORMAT == "peft" and not Path(source).expanduser().is_dir():
+        # peft files hold no name, so the reader takes the directory's; a hub download's is a commit hash
+        f = replace(f, name=str(source).rstrip("/").rsplit("/", 1)[-1])
+    return check(model, f, d)
 
 
 def check(model, f: AdapterFile, where: Path) -> AdapterFile:
