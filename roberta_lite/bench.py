@@ -3,6 +3,8 @@
     python -m roberta_lite.bench                          # CPU, roberta-base shape, 8 x 256, train and infer
     python -m roberta_lite.bench --lengths imdb --steps 8 # an IMDB-like length mix, batches padded to their longest
     python -m roberta_lite.bench --device cuda --fp32 --json bench.json
+    python -m roberta_lite.bench --adapters 8             # one adapter vs 8 mixed in one batch vs 8 passes
+    python -m roberta_lite.bench --adapter lora           # LoRA: training vs peft; merged inference vs the base
 
 What is compared, so that only the implementations differ:
   * the same weights: a random roberta-base-shaped (or --config tiny) checkpoint is written once to a temporary
@@ -19,6 +21,20 @@ transformers at its best simple recipe on the device: CPU: bf16 autocast with th
 "eager" attention (timed here, per mode, and reported); GPU: bf16 autocast + SDPA + length-sorted batches, and
 torch.compile as a second row. --fp32 adds an fp32 row for both sides. --attention-dropout P sets the
 attention-probability dropout of both sides (roberta_lite's set_dropout(attention=P) recipe, timed fairly).
+
+Two more modes, roberta_lite's adapters against themselves and against peft:
+  * `--adapters N`: one model with N Houlsby adapters (and N heads), all of them training, timed three ways on
+    the same batches: (a) every example with one adapter; (b) one adapter per example, N different ones (the
+    mixed batch: one pass of the base, each adapter on its own rows); (c) N separate passes, each adapter over its
+    own examples (what a library without mixed batches does), logits put back in batch order, then one optimizer
+    step. Reported: (b)/(a) (the price of mixing; the target is <= 1.2) and (c)/(b), from median step times.
+  * `--adapter lora`: training with a LoRA (r 8, alpha 16, query and value) against transformers + peft holding the
+    same LoRA weights and classifier (written by save_adapter(format="peft"), read by PeftModel.from_pretrained);
+    inference with the LoRA merged into the base (merge_adapter) against the plain base, the unmerged LoRA and peft.
+    Parity is also checked in fp32, next to the LoRA's own effect on the logits.
+  Both take `--precision` (auto: bf16 only where the hardware has it natively, the choice train.py makes; a CPU
+  without AVX512-BF16/AMX runs bf16 matmuls several times slower than fp32). Every mode measures the device's
+  matmul peak (the FFN's (2048 x 768) x (768 x 3072), bf16 and fp32) in the same run and reports each row's share.
 
 On a shared CPU (other processes busy), OpenMP's spin-waiting worker threads can make every step several times
 slower; run with OMP_WAIT_POLICY=PASSIVE in the environment (it must be set before torch starts) or --threads 1.
@@ -181,21 +197,34 @@ def make_batches(kind: str, steps: int, batch: int, length: int, vocab: int, max
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def flops(cfg: dict, B: int, T: int, train: bool) -> float:
+def adapter_weights(cfg: dict, adapter: AdapterConfig | None) -> int:
+    """Matmul weights one layer's adapter holds (none for a merged LoRA or no adapter)."""
+    C, Fs = cfg["hidden_size"], cfg["intermediate_size"]
+    if adapter is None:
+        return 0
+    if adapter.is_lora:
+        fans = {"query": (C, C), "key": (C, C), "value": (C, C), "attn_out": (C, C), "ffn_up": (C, Fs),
+                "ffn_down": (Fs, C)}
+        return sum(adapter.r * (fans[t][0] + fans[t][1]) for t in adapter.targets)
+    return (2 if adapter.kind == "houlsby" else 1) * 2 * C * (C // adapter.reduction_factor)
+
+
+def flops(cfg: dict, B: int, T: int, train: bool, adapter: AdapterConfig | None = ADAPTER) -> float:
     """Matmul FLOPs of one step on a (B, T) batch; see the module docstring for the model."""
     C, Fs, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    r = C // ADAPTER.reduction_factor
-    n_adapters = 2 if ADAPTER.kind == "houlsby" else 1
     tok = B * T
     attn_block = 2 * (3 * C * C + C * C) * tok  # qkv + output projection
     attn_core = 4 * T * T * C * B  # Q K^T and P V
     ffn = 2 * (2 * C * Fs) * tok
-    adapters = n_adapters * 2 * (2 * C * r) * tok
+    adapters = 2 * adapter_weights(cfg, adapter) * tok
     head = 2 * (C * C + C * NUM_LABELS) * B
     fwd = L * (attn_block + attn_core + ffn + adapters) + head
     if not train:
         return float(fwd)
-    bwd_input = L * (ffn + adapters) + (L - 1) * (attn_block + 2 * attn_core) + head
+    # a LoRA on query/key/value in layer 0 learns through layer 0's attention core
+    first_core = 2 * attn_core if adapter is not None and adapter.is_lora and \
+        {"query", "key", "value"} & set(adapter.targets) else 0
+    bwd_input = L * (ffn + adapters) + (L - 1) * (attn_block + 2 * attn_core) + first_core + head
     bwd_weight = L * adapters + head
     return float(fwd + bwd_input + bwd_weight)
 
@@ -306,6 +335,7 @@ class Contender:
     precision: str = "bf16"
     compiled: bool = False
     opt: torch.optim.Optimizer | None = None
+    adapter: AdapterConfig | None = field(default_factory=lambda: ADAPTER)  # what the FLOPs count; None: base alone
     times: dict = field(default_factory=dict)  # mode -> [(seconds, real tokens, flops padded, flops real)]
     memory: dict = field(default_factory=dict)  # mode -> (peak, delta)
 
@@ -328,9 +358,13 @@ def make_optimizer(params: list[torch.nn.Parameter], device: torch.device) -> tu
         return torch.optim.AdamW(params, lr=1e-4, foreach=True), "foreach"
 
 
-def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int,
-              attn_dropout: float | None = None) -> Model:
-    m = Model.from_pretrained(ckpt, num_labels=NUM_LABELS, adapter=ADAPTER, dtype=dtype, device=device)
+def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int, attn_dropout: float | None = None,
+              names: list[str] | tuple[str, ...] = ("default",), adapter: AdapterConfig = ADAPTER) -> Model:
+    """roberta_lite on the checkpoint with adapters `names` (each with a copy of the checkpoint's classifier),
+    their weights random and non-zero; the first one active and trainable, the base frozen."""
+    m = Model.from_pretrained(ckpt, num_labels=NUM_LABELS, dtype=dtype, device=device)
+    for name in names:
+        m.add_adapter(name, adapter)
     if attn_dropout is not None:
         if hasattr(m, "set_dropout"):
             m.set_dropout(attention=attn_dropout)
@@ -339,11 +373,11 @@ def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int,
                 layer.attn.dropout = attn_dropout
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # non-zero up-projections, so the adapters do something and the parity check means something
-        for layer in m.layers:
-            for a in (slot["default"] for slot in (layer.attn_adapter, layer.ffn_adapter) if "default" in slot):
-                for lin in (a.down, a.up):
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
-                    lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.02)
+        for name in names:
+            for key, p in adapter_tensors(m, name):
+                if not key.startswith("head."):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    m.active_adapter = names[0]
     m.freeze_base()
     return m
 
@@ -425,17 +459,18 @@ def timed(c: Contender, b: Batch, mode: str, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def pick_attention(ckpt: Path, lite: Model, device: torch.device, modes: list[str], batch: Batch,
-                   log: Callable[[str], None], attn_dropout: float | None = None) -> tuple[dict[str, str], dict]:
-    """transformers' fastest attention on this device per mode, among "sdpa" and "eager" (bf16 autocast).
-    GPU: sdpa, by the recipe. CPU: timed here, 1 warm-up + 2 steps each."""
+def pick_attention(load: Callable[[str], nn.Module], device: torch.device, modes: list[str], batch: Batch,
+                   log: Callable[[str], None], autocast: torch.dtype | None = torch.bfloat16
+                   ) -> tuple[dict[str, str], dict]:
+    """transformers' fastest attention on this device per mode, among "sdpa" and "eager" (under `autocast`), for
+    the model `load(impl)` builds. GPU: sdpa, by the recipe. CPU: timed here, 1 warm-up + 2 steps each."""
     if device.type == "cuda":
         return {m: "sdpa" for m in modes}, {}
     timings: dict = {}
     for impl in ("sdpa", "eager"):
-        hf = load_hf(ckpt, lite, device, impl, attn_dropout)
+        hf = load(impl)
         opt, _ = make_optimizer(trainable(hf), device)
-        c = Contender("probe", "transformers", "", hf, _hf_call(hf), autocast=torch.bfloat16, opt=opt)
+        c = Contender("probe", "transformers", "", hf, _hf_call(hf), autocast=autocast, opt=opt)
         for mode in modes:
             hf.train(mode == "train")
             step(c, batch, mode, device)
@@ -485,6 +520,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention-dropout", type=float, default=None, metavar="P",
                    help="attention-probability dropout for BOTH sides in training (default: the checkpoint's, "
                         "0.1); e.g. 0 to time roberta_lite's set_dropout(attention=0.0) recipe fairly")
+    p.add_argument("--adapters", type=int, default=None, metavar="N",
+                   help="many-task mode: N Houlsby adapters on one base; times one adapter for the whole batch, one "
+                        "adapter per example (mixed, one pass), and N separate passes")
+    p.add_argument("--adapter", choices=("houlsby", "lora"), default="houlsby",
+                   help="lora: a LoRA r 8 on query/value against transformers + peft (training), and merged into "
+                        "the base against the plain base (inference)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="--adapters / --adapter lora only: the base's dtype (auto: bf16 where the CPU or GPU has it "
+                        "natively, as train.py chooses; fp32 turns transformers' autocast off too)")
     p.add_argument("--no-transformers", action="store_true", help="roberta_lite alone")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
@@ -495,6 +539,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps and --batch must be >= 1, --length >= 2, --warmup >= 0")
     if a.attention_dropout is not None and not 0.0 <= a.attention_dropout < 1.0:
         p.error("--attention-dropout must be in [0, 1)")
+    if a.adapters is not None and not 2 <= a.adapters <= a.batch:
+        p.error(f"--adapters {a.adapters}: must lie in 2..--batch ({a.batch}), one adapter per example or more")
+    if a.adapters is not None and a.adapter == "lora":
+        p.error("--adapters and --adapter lora are separate modes: give one")
+    if (a.adapters is not None or a.adapter == "lora") and (a.fp32 or a.compile or a.lengths != "fixed"):
+        p.error("--adapters / --adapter lora time fixed-length batches in one precision (--precision): drop --fp32, "
+                "--compile and --lengths")
+    if a.adapters is None and a.adapter != "lora" and a.precision != "auto":
+        p.error("--precision is for --adapters / --adapter lora; this mode times bf16, and fp32 rows with --fp32")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     return a
@@ -517,22 +570,14 @@ def write_json(path: Path, data: dict):
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    if a.adapters:
+        return main_many(a)
+    if a.adapter == "lora":
+        return main_lora(a)
+    log, device, notes, load_start = setup(a)
     sort = a.sort if a.sort is not None else device.type == "cuda"
     compile_rows = a.compile or ("transformers" if device.type == "cuda" else "none")
     modes = ["train", "infer"] if a.mode == "both" else [a.mode]
-    notes: list[str] = []
-    load_start = _loadavg()
-    if load_start is not None and device.type == "cpu" and load_start > 0.5:
-        notes.append(f"1-min load average {load_start:.1f} at start on {os.cpu_count()} cores: other processes "
-                     f"share the CPU; absolute numbers are pessimistic, the alternating ratio less affected")
-        if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            notes.append("on a shared CPU, OpenMP's spin-waiting threads can make every step several times slower: "
-                         "run with OMP_WAIT_POLICY=PASSIVE in the environment, or --threads 1")
-
     have_hf = not a.no_transformers
     if have_hf:
         try:
@@ -546,18 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"note: {n}")
 
     with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
-        t0 = time.perf_counter()
-        if a.checkpoint is not None:
-            ckpt = a.checkpoint
-            cfg = json.loads((ckpt / "config.json").read_text())
-        else:
-            ckpt = Path(tmp) / "ckpt"
-            cfg = write_checkpoint(ckpt, a.config, a.seed) if have_hf else _write_checkpoint_plain(
-                ckpt, {**COMMON, **CONFIGS[a.config]})
-        log(f"checkpoint: {ckpt if a.checkpoint else 'random ' + a.config} ({time.perf_counter() - t0:.1f}s)")
-        max_len = cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1
-        batches = make_batches(a.lengths, a.steps, a.batch, a.length, cfg["vocab_size"], max_len, sort, a.seed + 1,
-                               device)
+        ckpt, cfg, batches = checkpoint_and_batches(a, Path(tmp), have_hf, sort, device, log)
 
         lite = load_lite(ckpt, torch.bfloat16, device, a.seed, a.attention_dropout)
         opt, opt_kind = make_optimizer(trainable(lite), device)
@@ -569,8 +603,9 @@ def main(argv: list[str] | None = None) -> dict:
             probe_batch = max(batches, key=lambda b: b.shape[1])
             if a.hf_attn == "auto":
                 log("probing transformers' attention implementations ...")
-                attn_choice, attn_timings = pick_attention(ckpt, lite, device, modes, probe_batch, log,
-                                                           a.attention_dropout)
+                attn_choice, attn_timings = pick_attention(
+                    lambda impl: load_hf(ckpt, lite, device, impl, a.attention_dropout), device, modes, probe_batch,
+                    log)
             else:
                 attn_choice = {m: a.hf_attn for m in modes}
         # one transformers model per attention implementation chosen; its rows differ in autocast/compile only
@@ -629,91 +664,176 @@ def main(argv: list[str] | None = None) -> dict:
 
         # parity: the two sides compute the same function (eval mode, first batch)
         if have_hf:
-            b = batches[0]
-            with torch.inference_mode():
-                for m in {id(r.model): r.model for rows in rows_by_mode.values() for r in rows}.values():
-                    m.eval()
-                first = rows_by_mode[modes[0]]
-                ref = {}
-                for r in first:
-                    if r.compiled:
-                        continue
-                    with r.autocast_ctx(device):
-                        ref[r.label] = r.call(b.ids, b.mask).float()
-                lite_bf16 = ref["roberta_lite bf16"]
-                for label, out in ref.items():
-                    if label.startswith("transformers"):
-                        twin = "roberta_lite fp32" if "fp32" in label else "roberta_lite bf16"
-                        if twin in ref:
-                            parity[f"{twin} vs {label}"] = float((ref[twin] - out).abs().max())
-                parity["max |logit| (scale)"] = float(lite_bf16.abs().max())
-            log("parity (eval, batch 0, max |logit diff|): " + ", ".join(f"{k}: {v:.2e}" for k, v in parity.items()))
+            ref = eval_logits([r for r in rows_by_mode[modes[0]] if not r.compiled], batches[0], device)
+            for label, out in ref.items():
+                if label.startswith("transformers"):
+                    twin = "roberta_lite fp32" if "fp32" in label else "roberta_lite bf16"
+                    if twin in ref:
+                        parity[f"{twin} vs {label}"] = float((ref[twin] - out).abs().max())
+            parity["max |logit| (scale)"] = float(ref["roberta_lite bf16"].abs().max())
+            log_parity(parity, log)
 
-        probe = MemoryProbe(device)
-        results: dict[str, list[dict]] = {}
-        for mode in modes:
-            rows = rows_by_mode[mode]
-            set_mode(rows, mode)
-            # warm-up: every distinct shape once for every row (first sight of a shape is slow), then up to --warmup
-            shapes = {}
-            for b in batches:
-                shapes.setdefault(b.shape, b)
-            warm = list(shapes.values())
-            while len(warm) < a.warmup:
-                warm.append(batches[len(warm) % len(batches)])
-            tw = time.perf_counter()
-            for b in warm:
-                for r in rows:
-                    t = time.perf_counter()
-                    step(r, b, mode, device)
-                    if r.compiled and "compile_s" not in r.memory:
-                        r.memory["compile_s"] = time.perf_counter() - t
-            log(f"{mode}: warm-up {len(warm)} step(s) x {len(rows)} row(s) over {len(shapes)} shape(s) "
-                f"({time.perf_counter() - tw:.1f}s); timing {len(batches)} step(s) ...")
-            times = {r.label: [] for r in rows}
-            for i, b in enumerate(batches):
-                k = i % len(rows)
-                for r in rows[k:] + rows[:k]:  # rotate who goes first
-                    times[r.label].append(timed(r, b, mode, device))
-            mem = {}
-            for r in rows:  # one extra, untimed step each for memory
-                probe.before()
-                step(r, batches[0], mode, device)
-                mem[r.label] = probe.after()
-            out = []
-            for r in rows:
-                ts = times[r.label]
-                tps = [b.real_tokens / t for b, t in zip(batches, ts)]
-                fl = [flops(cfg, b.shape[0], b.shape[1], mode == "train") / t for b, t in zip(batches, ts)]
-                out.append({
-                    "label": r.label, "side": r.side, "precision": r.precision, "compiled": r.compiled,
-                    "recipe": r.recipe,
-                    # one shape: real tokens / median step time; a length mix: median of the per-step rates
-                    "tokens_per_s": (batches[0].real_tokens / statistics.median(ts)
-                                     if len({b.real_tokens for b in batches}) == 1 else statistics.median(tps)),
-                    "tokens_per_s_total": sum(b.real_tokens for b in batches) / sum(ts),
-                    "step_ms_median": statistics.median(ts) * 1e3,
-                    "step_ms": [t * 1e3 for t in ts],
-                    "tflops": statistics.median(fl) / 1e12,
-                    "peak_mem_mb": mem[r.label][0] / 2**20,
-                    "step_mem_mb": mem[r.label][1] / 2**20,
-                    **({"compile_and_first_step_s": r.memory["compile_s"]} if "compile_s" in r.memory else {}),
-                })
+        results, probe = time_rows(rows_by_mode, batches, cfg, device, a.warmup, log)
+        for out in results.values():
             ref = next((o for o in out if o["side"] == "transformers" and o["precision"] == "bf16"
                         and not o["compiled"]), None)
             for o in out:
                 o["x_vs_transformers_bf16"] = o["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-            results[mode] = out
 
-    load_end = _loadavg()
+    data = {
+        **run_info(a, device, batches, sort, load_start, probe, notes),
+        "transformers": _version("transformers") if have_hf else None,
+        "adapter": ADAPTER.to_dict(),
+        "dropout": dropout_info(a, cfg),
+        "transformers_recipe": (next(iter(hf_recipes.values())) if len(set(hf_recipes.values())) == 1 else
+                                "; ".join(f"{m}: {r}" for m, r in hf_recipes.items())) if hf_recipes else None,
+        "transformers_recipe_by_mode": hf_recipes, "transformers_attention": attn_choice,
+        "attention_probe_ms": {m: {k: v * 1e3 for k, v in t.items()} for m, t in attn_timings.items()},
+        "parity_max_abs_diff": parity,
+        "results": results,
+        "ratio": {m: _ratio(r) for m, r in results.items()},
+    }
+    return finish(a, data, log)
+
+
+# ---------------------------------------------------------------------------------------------- shared by the modes
+
+def setup(a: argparse.Namespace) -> tuple[Callable[[str], None], torch.device, list[str], float | None]:
+    """Threads, device, and the notes about a busy CPU: (log, device, notes, 1-min load average at start)."""
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    notes: list[str] = []
+    load_start = _loadavg()
+    if load_start is not None and device.type == "cpu" and load_start > 0.5:
+        notes.append(f"1-min load average {load_start:.1f} at start on {os.cpu_count()} cores: other processes "
+                     f"share the CPU; absolute numbers are pessimistic, the alternating ratio less affected")
+        if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            notes.append("on a shared CPU, OpenMP's spin-waiting threads can make every step several times slower: "
+                         "run with OMP_WAIT_POLICY=PASSIVE in the environment, or --threads 1")
+    return log, device, notes, load_start
+
+
+def checkpoint_and_batches(a: argparse.Namespace, tmp: Path, have_hf: bool, sort: bool, device: torch.device,
+                           log: Callable[[str], None]) -> tuple[Path, dict, list[Batch]]:
+    """The checkpoint both sides load (--checkpoint, or a random one written under tmp) and the timed batches."""
+    t0 = time.perf_counter()
+    if a.checkpoint is not None:
+        ckpt = a.checkpoint
+        cfg = json.loads((ckpt / "config.json").read_text())
+    else:
+        ckpt = tmp / "ckpt"
+        cfg = write_checkpoint(ckpt, a.config, a.seed) if have_hf else _write_checkpoint_plain(
+            ckpt, {**COMMON, **CONFIGS[a.config]})
+    log(f"checkpoint: {ckpt if a.checkpoint else 'random ' + a.config} ({time.perf_counter() - t0:.1f}s)")
+    max_len = cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1
+    batches = make_batches(a.lengths, a.steps, a.batch, a.length, cfg["vocab_size"], max_len, sort, a.seed + 1,
+                           device)
+    return ckpt, cfg, batches
+
+
+def eval_logits(rows: list[Contender], b: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each row's float32 logits on one batch, in eval mode (for the parity figures)."""
+    out = {}
+    with torch.inference_mode():
+        for r in rows:
+            r.model.eval()
+            with r.autocast_ctx(device):
+                out[r.label] = r.call(b.ids, b.mask).float()
+    return out
+
+
+def log_parity(parity: dict[str, float], log: Callable[[str], None]):
+    log("parity (eval, batch 0, max |logit diff|): " + ", ".join(f"{k}: {v:.2e}" for k, v in parity.items()))
+
+
+def time_rows(rows_by_mode: dict[str, list[Contender]], batches: list[Batch], cfg: dict, device: torch.device,
+              warmup: int, log: Callable[[str], None]) -> tuple[dict[str, list[dict]], MemoryProbe]:
+    """Warm up, time every row on every batch with the order rotating each step, then one untimed step per row
+    for memory. Returns mode -> one result dict per row, and the memory probe used."""
+    probe = MemoryProbe(device)
+    results: dict[str, list[dict]] = {}
+    for mode, rows in rows_by_mode.items():
+        set_mode(rows, mode)
+        # warm-up: every distinct shape once for every row (first sight of a shape is slow), then up to --warmup
+        shapes = {}
+        for b in batches:
+            shapes.setdefault(b.shape, b)
+        warm = list(shapes.values())
+        while len(warm) < warmup:
+            warm.append(batches[len(warm) % len(batches)])
+        tw = time.perf_counter()
+        for b in warm:
+            for r in rows:
+                t = time.perf_counter()
+                step(r, b, mode, device)
+                if r.compiled and "compile_s" not in r.memory:
+                    r.memory["compile_s"] = time.perf_counter() - t
+        log(f"{mode}: warm-up {len(warm)} step(s) x {len(rows)} row(s) over {len(shapes)} shape(s) "
+            f"({time.perf_counter() - tw:.1f}s); timing {len(batches)} step(s) ...")
+        times = {r.label: [] for r in rows}
+        for i, b in enumerate(batches):
+            k = i % len(rows)
+            for r in rows[k:] + rows[:k]:  # rotate who goes first
+                times[r.label].append(timed(r, b, mode, device))
+        mem = {}
+        for r in rows:  # one extra, untimed step each for memory
+            probe.before()
+            step(r, batches[0], mode, device)
+            mem[r.label] = probe.after()
+        results[mode] = [result_row(r, times[r.label], mem[r.label], batches, cfg, mode) for r in rows]
+    return results, probe
+
+
+def result_row(r: Contender, ts: list[float], mem: tuple[int, int], batches: list[Batch], cfg: dict,
+               mode: str) -> dict:
+    tps = [b.real_tokens / t for b, t in zip(batches, ts)]
+    fl = [flops(cfg, b.shape[0], b.shape[1], mode == "train", r.adapter) / t for b, t in zip(batches, ts)]
+    return {
+        "label": r.label, "side": r.side, "precision": r.precision, "compiled": r.compiled,
+        "recipe": r.recipe,
+        # one shape: real tokens / median step time; a length mix: median of the per-step rates
+        "tokens_per_s": (batches[0].real_tokens / statistics.median(ts)
+                         if len({b.real_tokens for b in batches}) == 1 else statistics.median(tps)),
+        "tokens_per_s_total": sum(b.real_tokens for b in batches) / sum(ts),
+        "step_ms_median": statistics.median(ts) * 1e3,
+        "step_ms": [t * 1e3 for t in ts],
+        "tflops": statistics.median(fl) / 1e12,
+        "peak_mem_mb": mem[0] / 2**20,
+        "step_mem_mb": mem[1] / 2**20,
+        **({"compile_and_first_step_s": r.memory["compile_s"]} if "compile_s" in r.memory else {}),
+    }
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, tokens: int = 2048, reps: int = 7) -> float:
+    """TFLOP/s of the FFN's up-projection shape, (tokens, 768) x (768, 3072), in `dtype`, median of `reps`
+    timings: what this device does on the model's biggest matmul, measured in the same run as the rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 768, generator=g).to(device, dtype)
+    w = torch.randn(3072, 768, generator=g).to(device, dtype)
+    with torch.inference_mode():
+        F.linear(x, w)
+        ts = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            F.linear(x, w)
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return 2 * tokens * 768 * 3072 / statistics.median(ts) / 1e12
+
+
+def run_info(a: argparse.Namespace, device: torch.device, batches: list[Batch], sort: bool,
+             load_start: float | None, probe: MemoryProbe, notes: list[str]) -> dict:
+    """The JSON fields every mode shares: machine, shapes, load, memory method, the matmul peak."""
     real = sum(b.real_tokens for b in batches)
     padded = sum(b.shape[0] * b.shape[1] for b in batches)
-    data = {
+    return {
         "device": device.type,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or
         platform.machine(),
         "torch": torch.__version__,
-        "transformers": _version("transformers") if have_hf else None,
         "threads": torch.get_num_threads(),
         "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD")
                     if k in os.environ},
@@ -721,28 +841,226 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": a.batch, "lengths": a.lengths, "length": a.length if a.lengths == "fixed" else None,
         "sorted_batches": sort, "steps": a.steps, "warmup": a.warmup,
         "real_tokens_per_batch_mean": real / len(batches), "padding_fraction": 1 - real / padded,
-        "adapter": ADAPTER.to_dict(),
-        "dropout": {"hidden": cfg.get("hidden_dropout_prob", 0.1),
-                    "attention": a.attention_dropout if a.attention_dropout is not None
-                    else cfg.get("attention_probs_dropout_prob", 0.1)},
-        "transformers_recipe": (next(iter(hf_recipes.values())) if len(set(hf_recipes.values())) == 1 else
-                                "; ".join(f"{m}: {r}" for m, r in hf_recipes.items())) if hf_recipes else None,
-        "transformers_recipe_by_mode": hf_recipes, "transformers_attention": attn_choice,
-        "loadavg_1min": {"start": load_start, "end": load_end},
-        "attention_probe_ms": {m: {k: v * 1e3 for k, v in t.items()} for m, t in attn_timings.items()},
-        "memory_method": probe.method, "parity_max_abs_diff": parity,
+        "loadavg_1min": {"start": load_start, "end": _loadavg()},
+        "matmul_peak_tflops": {"bf16": matmul_peak(device, torch.bfloat16),
+                               "fp32": matmul_peak(device, torch.float32)},
+        "memory_method": probe.method,
         "flop_model": "padded-batch matmul FLOPs; forward 2*weights*tokens + 4*T^2*C per layer per sequence; "
                       "train = forward + input-grad backward (attention core 2x, none for layer 0's attention "
                       "block) + adapter/head weight grads",
-        "results": results,
-        "ratio": {m: _ratio(r) for m, r in results.items()},
         "notes": notes,
     }
+
+
+def dropout_info(a: argparse.Namespace, cfg: dict) -> dict:
+    return {"hidden": cfg.get("hidden_dropout_prob", 0.1),
+            "attention": a.attention_dropout if a.attention_dropout is not None
+            else cfg.get("attention_probs_dropout_prob", 0.1)}
+
+
+def finish(a: argparse.Namespace, data: dict, log: Callable[[str], None]) -> dict:
+    """Each row's share of the matmul peak, then the table, then the JSON."""
+    for rows in data["results"].values():
+        for o in rows:
+            o["fraction_of_matmul_peak"] = o["tflops"] / data["matmul_peak_tflops"][o["precision"]]
     print(format_table(data))
     if a.json:
         write_json(a.json, data)
         log(f"wrote {a.json}")
     return data
+
+
+# ---------------------------------------------------------------------------------------------- --adapters N
+
+def task_names(n: int) -> list[str]:
+    return [f"task{i}" for i in range(n)]
+
+
+def separate_passes(m: Model, names: list[str]) -> Callable:
+    """What a library without mixed batches does: one pass per adapter over its own examples, logits put back in
+    the batch's order (the backward, too, runs once per pass)."""
+    groups = {n: [i for i, x in enumerate(names) if x == n] for n in dict.fromkeys(names)}
+    order = [i for rows in groups.values() for i in rows]
+    back = torch.argsort(torch.tensor(order))
+
+    def call(ids, mask):
+        out = torch.cat([m(ids[rows], mask[rows], adapter=n) for n, rows in groups.items()])
+        return out[back.to(out.device)]
+
+    return call
+
+
+def base_dtype(a: argparse.Namespace, device: torch.device) -> tuple[torch.dtype, str]:
+    """--precision for the adapter modes: (the base's dtype, its name)."""
+    from roberta_lite import predict  # select_dtype: train.py's choice of the base's dtype
+
+    dtype = predict.select_dtype(a.precision, device)
+    return dtype, "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def main_many(a: argparse.Namespace) -> dict:
+    """--adapters N: one model with N Houlsby adapters; (a) a batch with one adapter, (b) the same batch with one
+    adapter per example (the mixed batch: one pass of the base), (c) N passes, one per adapter's examples."""
+    log, device, notes, load_start = setup(a)
+    modes = ["train", "infer"] if a.mode == "both" else [a.mode]
+    n = a.adapters
+    names = [task_names(n)[i % n] for i in range(a.batch)]
+    for note in notes:
+        log(f"note: {note}")
+    with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
+        ckpt, cfg, batches = checkpoint_and_batches(a, Path(tmp), not a.no_transformers, False, device, log)
+        dtype, precision = base_dtype(a, device)
+        m = load_lite(ckpt, dtype, device, a.seed, a.attention_dropout, names=task_names(n))
+        m.requires_grad_(False)
+        for name in m.adapter_names:  # every task trains: the base stays frozen
+            for _, p in adapter_tensors(m, name):
+                p.requires_grad_(True)
+        recipe = f"Model.from_pretrained(dtype={dtype}), {n} Houlsby adapters (rf 16) + heads, base frozen"
+        calls = {"one": (f"1 adapter ({a.batch} x task0)", lambda ids, mask: m(ids, mask, adapter="task0")),
+                 "mixed": (f"{n} adapters mixed (1 pass)", lambda ids, mask: m(ids, mask, adapter=names)),
+                 "separate": (f"{n} adapters, {n} passes", separate_passes(m, names))}
+        rows = {k: Contender(f"{label} {precision}", "roberta_lite", recipe, m, call, precision=precision,
+                             opt=make_optimizer(trainable(m), device)[0]) for k, (label, call) in calls.items()}
+        ref = eval_logits(list(rows.values()), batches[0], device)
+        first = [i for i, x in enumerate(names) if x == "task0"]
+        parity = {"mixed vs separate passes": float((ref[rows["mixed"].label] - ref[rows["separate"].label])
+                                                     .abs().max()),
+                  "mixed vs one adapter (task0's examples)": float((ref[rows["mixed"].label][first]
+                                                                    - ref[rows["one"].label][first]).abs().max()),
+                  "max |logit| (scale)": float(ref[rows["mixed"].label].abs().max())}
+        log_parity(parity, log)
+        results, probe = time_rows({mode: list(rows.values()) for mode in modes}, batches, cfg, device, a.warmup,
+                                   log)
+    step_ms = {mode: {k: next(o["step_ms_median"] for o in results[mode] if o["label"] == r.label)
+                      for k, r in rows.items()} for mode in modes}
+    ratios = {mode: {"mixed / one adapter": s["mixed"] / s["one"], "separate / mixed": s["separate"] / s["mixed"]}
+              for mode, s in step_ms.items()}
+    data = {**run_info(a, device, batches, False, load_start, probe, notes), "adapters": n,
+            "dropout": dropout_info(a, cfg),
+            "adapter": ADAPTER.to_dict(), "names_per_example": names, "parity_max_abs_diff": parity,
+            "results": results, "ratio": ratios,
+            "summary": [f"{mode}: mixed / one adapter = {r['mixed / one adapter']:.2f}x step time (target <= 1.2), "
+                        f"{n} passes / mixed = {r['separate / mixed']:.2f}x" for mode, r in ratios.items()]}
+    return finish(a, data, log)
+
+
+# ---------------------------------------------------------------------------------------------- --adapter lora
+
+LORA = AdapterConfig(kind="lora", r=8, alpha=16.0, targets=("query", "value"))
+
+
+def load_peft(ckpt: Path, adapter_dir: Path, device: torch.device, attn: str,
+              attn_dropout: float | None = None) -> nn.Module:
+    """transformers' RobertaForSequenceClassification (fp32 weights) wrapped by peft with the LoRA adapter that
+    roberta_lite saved in peft's format: the same LoRA weights and classifier, trainable as peft trains them."""
+    import peft
+    from transformers import RobertaForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf = RobertaForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32, attn_implementation=attn)
+    if attn_dropout is not None:
+        for layer in hf.roberta.encoder.layer:
+            layer.attention.self.dropout.p = attn_dropout
+    return peft.PeftModel.from_pretrained(hf, str(adapter_dir), is_trainable=True).to(device)
+
+
+def main_lora(a: argparse.Namespace) -> dict:
+    """--adapter lora: training with a LoRA (r 8, query and value) against transformers + peft holding the same
+    LoRA weights; inference with the LoRA merged into the base against the plain base."""
+    log, device, notes, load_start = setup(a)
+    modes = ["train", "infer"] if a.mode == "both" else [a.mode]
+    have_peft = not a.no_transformers
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        have_peft = False
+        notes.append("peft is not installed: roberta_lite alone")
+    for note in notes:
+        log(f"note: {note}")
+    with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
+        ckpt, cfg, batches = checkpoint_and_batches(a, Path(tmp), have_peft, False, device, log)
+        dtype, precision = base_dtype(a, device)
+        lite = load_lite(ckpt, dtype, device, a.seed, a.attention_dropout, adapter=LORA)
+        native, in_peft = lite.save_adapter(Path(tmp) / "lora"), lite.save_adapter(Path(tmp) / "peft", format="peft")
+
+        def base():
+            return Model.from_pretrained(ckpt, num_labels=NUM_LABELS, dtype=dtype, device=device)
+
+        merged, plain = base().load_adapter(native).merge_adapter(), base()
+        opt, opt_kind = make_optimizer(trainable(lite), device)
+        lite_row = Contender(f"roberta_lite {precision} LoRA", "roberta_lite", f"Model.from_pretrained(dtype={dtype}) "
+                             f"+ LoRA r 8 query/value (fp32); AdamW {opt_kind}", lite, _lite_call(lite),
+                             precision=precision, opt=opt, adapter=LORA)
+        rows_by_mode = {"train": [lite_row], "infer": [
+            Contender(f"roberta_lite {precision} LoRA merged", "roberta_lite", "merge_adapter(): the LoRA folded "
+                      "into the base weights", merged, _lite_call(merged), precision=precision, adapter=None),
+            Contender(f"roberta_lite {precision} base, no adapter", "roberta_lite", "the same base, no adapter",
+                      plain, _lite_call(plain), precision=precision, adapter=None),
+            lite_row]}
+        attn_choice, peft_recipe, peft_models = {}, None, {}
+        if have_peft:
+            load = lambda impl: load_peft(ckpt, in_peft, device, impl, a.attention_dropout)  # noqa: E731
+            attn_choice = ({m: a.hf_attn for m in modes} if a.hf_attn != "auto" else
+                           pick_attention(load, device, modes, batches[0], log,
+                                          autocast=torch.bfloat16 if precision == "bf16" else None)[0])
+            autocast = f" + torch.autocast({device.type!r}, dtype=torch.bfloat16)" if precision == "bf16" else ""
+            for mode in modes:
+                impl = attn_choice[mode]
+                model = peft_models.get(impl) or peft_models.setdefault(impl, load(impl))
+                peft_recipe = (f"peft.PeftModel.from_pretrained(RobertaForSequenceClassification fp32 weights, the "
+                               f"same LoRA written by save_adapter(format='peft')){autocast}, "
+                               f"attn_implementation={impl!r}; AdamW {opt_kind}")
+                rows_by_mode[mode].append(Contender(
+                    f"transformers+peft {'bf16-autocast' if autocast else 'fp32'} {impl}", "transformers", peft_recipe,
+                    model, _hf_call(model), autocast=torch.bfloat16 if autocast else None, precision=precision,
+                    opt=make_optimizer(trainable(model), device)[0], adapter=LORA))
+        rows_by_mode = {mode: rows_by_mode[mode] for mode in modes}
+        ref = eval_logits(list({id(r): r for rows in rows_by_mode.values() for r in rows}.values()), batches[0],
+                          device)
+        parity = {f"{lite_row.label} vs {k}": float((ref[lite_row.label] - v).abs().max())
+                  for k, v in ref.items() if k != lite_row.label}
+        parity.update(lora_parity_fp32(ckpt, native, next(iter(peft_models.values()), None), batches[0], device))
+        log_parity(parity, log)
+        results, probe = time_rows(rows_by_mode, batches, cfg, device, a.warmup, log)
+    ratio = lora_ratios(results, lite_row.label, precision)
+    data = {**run_info(a, device, batches, False, load_start, probe, notes), "adapter": LORA.to_dict(),
+            "dropout": dropout_info(a, cfg), "peft": _version("peft") if have_peft else None,
+            "transformers_recipe": peft_recipe, "transformers_attention": attn_choice, "parity_max_abs_diff": parity,
+            "results": results, "ratio": ratio, "summary": [f"{k} = {v:.2f}x" for k, v in ratio.items()]}
+    return finish(a, data, log)
+
+
+def lora_parity_fp32(ckpt: Path, native: Path, peft_model: nn.Module | None, b: Batch,
+                     device: torch.device) -> dict[str, float]:
+    """In fp32, where rounding cannot hide a difference: roberta_lite's LoRA against peft's, next to the LoRA's own
+    effect on the logits (with against without it) and the logits' scale."""
+    m = Model.from_pretrained(ckpt, num_labels=NUM_LABELS, device=device).load_adapter(native).eval()
+    with torch.inference_mode():
+        ours = m(b.ids, b.mask)
+        m.active_adapter = None  # the checkpoint's classifier, which the adapter's head copies
+        out = {"fp32: LoRA's own effect (roberta_lite with vs without it)": float((ours - m(b.ids, b.mask))
+                                                                                .abs().max())}
+        if peft_model is not None:
+            peft_model.eval()
+            theirs = peft_model(input_ids=b.ids, attention_mask=b.mask).logits
+            out["fp32: roberta_lite LoRA vs transformers+peft"] = float((ours - theirs).abs().max())
+        out["fp32: max |logit| (scale)"] = float(ours.abs().max())
+    return out
+
+
+def lora_ratios(results: dict[str, list[dict]], lite_label: str, precision: str) -> dict[str, float]:
+    ratio = {}
+    for mode, out in results.items():
+        by = {o["label"]: o for o in out}
+        peft_row = next((o for o in out if o["side"] == "transformers"), None)
+        if peft_row is not None:
+            ratio[f"{mode}: roberta_lite / peft tok/s"] = by[lite_label]["tokens_per_s"] / peft_row["tokens_per_s"]
+        if mode == "infer":
+            merged, plain = by[f"roberta_lite {precision} LoRA merged"], by[f"roberta_lite {precision} base, no adapter"]
+            ratio["infer: merged / plain base step time"] = merged["step_ms_median"] / plain["step_ms_median"]
+            ratio["infer: unmerged / merged step time"] = by[lite_label]["step_ms_median"] / merged["step_ms_median"]
+    return ratio
 
 
 def _ratio(rows: list[dict]) -> float | None:
@@ -774,17 +1092,24 @@ def format_table(d: dict) -> str:
     lines = [f"roberta_lite bench: {d['config']} on {d['device']} ({d['device_name']}, {d['threads']} threads), "
              f"batch {shape}, dropout {d['dropout']['hidden']:g} / attention {d['dropout']['attention']:g}, "
              f"{d['steps']} timed steps, medians",
-             f"{'mode':<6} {'row':<40} {'tok/s':>9} {'ms/step':>9} {'x HF bf16':>9} {'TFLOP/s':>8} "
+             f"{'mode':<6} {'row':<40} {'tok/s':>9} {'ms/step':>9} {'x HF bf16':>9} {'TFLOP/s':>8} {'% peak':>6} "
              f"{'step MiB':>9} {'peak MiB':>9}"]
     for mode, rows in d["results"].items():
         for o in rows:
-            x = f"{o['x_vs_transformers_bf16']:.2f}x" if o["x_vs_transformers_bf16"] else "-"
+            x = f"{o['x_vs_transformers_bf16']:.2f}x" if o.get("x_vs_transformers_bf16") else "-"
             lines.append(f"{mode:<6} {o['label']:<40} {o['tokens_per_s']:>9,.0f} {o['step_ms_median']:>9,.1f} "
-                         f"{x:>9} {o['tflops']:>8.3f} {o['step_mem_mb']:>9,.0f} {o['peak_mem_mb']:>9,.0f}")
+                         f"{x:>9} {o['tflops']:>8.3f} {100 * o['fraction_of_matmul_peak']:>5.0f}% "
+                         f"{o['step_mem_mb']:>9,.0f} {o['peak_mem_mb']:>9,.0f}")
+    peak = d["matmul_peak_tflops"]
+    lines.append(f"matmul peak, this run: bf16 {peak['bf16']:.3f}, fp32 {peak['fp32']:.3f} TFLOP/s on (2048 x 768) x "
+                 f"(768 x 3072); '% peak' = the row's TFLOP/s over its precision's peak")
     lines.append(f"memory: {d['memory_method']}; 'step' = peak above what was held before one step, "
-                 f"'peak' = whole process (both sides' models)")
-    if d["transformers_recipe"]:
+                 f"'peak' = whole process (every row's models)")
+    if d.get("transformers_recipe"):
         lines.append(f"transformers recipe: {d['transformers_recipe']}")
+    for k, v in d["parity_max_abs_diff"].items():
+        lines.append(f"parity (eval, batch 0, max |logit diff|): {k}: {v:.2e}")
+    lines.extend(d.get("summary", []))
     for n in d["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

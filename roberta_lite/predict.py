@@ -4,13 +4,20 @@
     python -m roberta_lite.predict --adapter DIR --file reviews.txt      # one text per line
     python -m roberta_lite.predict --adapter DIR --file reviews.jsonl    # {"text": ...} per line
     ... --file -                                                          # texts from stdin
+    python -m roberta_lite.predict --adapter A --adapter B TEXT...        # several tasks at once
 
 The adapter directory (written by train.py / Model.save_adapter) records its base model, a hub id or a local
 directory, so nothing else is needed; `--model` points elsewhere when the base has moved.
 
+With several adapters (all trained on one base: the same base fingerprint), the base is loaded once and every
+adapter runs over every text in the same forward passes (a mixed batch: each text once per adapter); each line
+is {"text": ..., "adapters": {A: {"label", "probability", "probabilities"}, B: {...}}}, keyed by the --adapter
+arguments as given.
+
 From Python:
     from roberta_lite.predict import Predictor
     Predictor("weights/adapters/imdb-houlsby")(["A wonderful film."])  # [{"label": "pos", "probability": ...}]
+    Predictor(["runs/sentiment", "runs/topic"])(["A wonderful film."])  # [{"runs/sentiment": {...}, ...}]
 
 """
 
@@ -32,19 +39,50 @@ from roberta_lite.weights import CheckpointError
 
 # ---------------------------------------------------------------------------------------------- prediction
 
-class Predictor:
-    """A base model with a trained adapter loaded, ready to classify batches of texts."""
+class IncompatibleAdapters(ValueError):
+    """Adapters that cannot run together: trained on different bases, or the same directory twice."""
 
-    def __init__(self, adapter: str | os.PathLike, *, model: str | None = None, device: str = "auto",
-                 precision: str = "auto", max_length: int | None = None):
-        meta = read_meta(adapter)
-        base = model or meta.get("base_model")
+
+def shared_base(sources: list[str | os.PathLike], metas: list[dict]) -> str | None:
+    """The base the adapters were trained on (the first one's record), refusing adapters of different bases
+    (their recorded fingerprints differ) before any model is loaded."""
+    seen: dict[Path, str] = {}
+    for src in sources:
+        where = Path(src).resolve()
+        if where in seen:
+            raise IncompatibleAdapters(f"--adapter {src}: the same directory as --adapter {seen[where]}")
+        seen[where] = str(src)
+    first = metas[0]
+    for src, meta in zip(sources[1:], metas[1:]):
+        if meta.get("base_fingerprint") != first.get("base_fingerprint"):
+            raise IncompatibleAdapters(
+                f"--adapter {src} was trained on base {meta.get('base_model')!r} (fingerprint "
+                f"{meta.get('base_fingerprint')}), --adapter {sources[0]} on {first.get('base_model')!r} (fingerprint "
+                f"{first.get('base_fingerprint')}): adapters run together must share one base")
+    return first.get("base_model")
+
+
+class Predictor:
+    """A base model with one trained adapter, or several sharing the base, ready to classify batches of texts."""
+
+    def __init__(self, adapter: str | os.PathLike | list[str | os.PathLike], *, model: str | None = None,
+                 device: str = "auto", precision: str = "auto", max_length: int | None = None):
+        self.several = not isinstance(adapter, (str, os.PathLike))
+        sources = list(adapter) if self.several else [adapter]
+        if not sources:
+            raise ValueError("no adapter given")
+        recorded = shared_base(sources, [read_meta(src) for src in sources])  # checked even with --model
+        base = model or recorded
         if not base:
-            raise CheckpointError(f"{Path(adapter) / 'adapter_config.json'}: no base_model recorded; pass --model")
+            raise CheckpointError(f"{Path(sources[0]) / 'adapter_config.json'}: no base_model recorded; pass --model")
         root, _ = resolve_base(base)
         self.device = select_device(device)
         self.model = Model.from_pretrained(root, dtype=select_dtype(precision, self.device), device=self.device)
-        self.model.load_adapter(adapter)
+        self.names = []  # the adapters' names in the model, in the order given
+        for i, src in enumerate(sources):  # files of one task are often all named "default": number them
+            self.model.load_adapter(src, name=f"adapter{i}" if self.several else None)
+            self.names.append(self.model.active_adapter)
+        self.keys = [str(src) for src in sources]
         self.model.to(self.device).eval()
         self.tokenizer = Tokenizer.from_pretrained(root)
         limit = self.model.config.max_tokens
@@ -52,28 +90,42 @@ class Predictor:
             raise ValueError(f"--max-length {max_length}: must lie in 2..{limit} for this model")
         self.max_length = max_length or limit
 
-    @torch.inference_mode()
     def __call__(self, texts: list[str], batch_size: int = 32) -> list[dict]:
-        """[{"label": name, "probability": p, "probabilities": {name: p, ...}}, ...] in the order of `texts`."""
+        """One adapter: [{"label": name, "probability": p, "probabilities": {name: p, ...}}, ...] in the order of
+        `texts`. Several: [{adapter argument: that dict, ...}, ...]. `batch_size` counts rows of a forward pass:
+        with N adapters, each pass holds batch_size // N texts, each once per adapter."""
+        results = self.classify(texts, batch_size)
+        return [dict(zip(self.keys, r)) if self.several else r[0] for r in results]
+
+    @torch.inference_mode()
+    def classify(self, texts: list[str], batch_size: int = 32) -> list[list[dict]]:
+        """For each text, one result dict per adapter (in the order given), all adapters in the same passes."""
         seqs = self.tokenizer.encode_batch(list(texts), self.max_length)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches: little padding
-        out: list[dict | None] = [None] * len(seqs)
-        pad = self.model.config.pad_id
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        out: list[list[dict]] = [[] for _ in seqs]
+        pad, n = self.model.config.pad_id, len(self.names)
+        per_pass = max(1, batch_size // n)
+        for start in range(0, len(order), per_pass):
+            idx = order[start:start + per_pass]
             T = max(len(seqs[i]) for i in idx)
             ids = torch.full((len(idx), T), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)
             for row, i in enumerate(idx):
                 ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
                 mask[row, :len(seqs[i])] = 1
-            probs = self.model(ids.to(self.device), mask.to(self.device)).softmax(-1).cpu()
+            # every text once per adapter, side by side: rows (text 0, adapter 0), (text 0, adapter 1), ...
+            logits = self.model(ids.repeat_interleave(n, 0).to(self.device),
+                                mask.repeat_interleave(n, 0).to(self.device), adapter=self.names * len(idx)).cpu()
             for row, i in enumerate(idx):
-                p = probs[row]
-                k = int(p.argmax())
-                out[i] = {"label": self.model.labels[k], "probability": round(float(p[k]), 6),
-                          "probabilities": {name: round(float(q), 6) for name, q in zip(self.model.labels, p)}}
-        return out  # type: ignore[return-value]
+                out[i] = [self._result(logits[row * n + a], name) for a, name in enumerate(self.names)]
+        return out
+
+    def _result(self, logits: torch.Tensor, name: str) -> dict:
+        labels = self.model.heads[name].labels
+        p = logits[:len(labels)].softmax(-1)  # a mixed batch pads narrower heads with -inf: drop those columns
+        k = int(p.argmax())
+        return {"label": labels[k], "probability": round(float(p[k]), 6),
+                "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
 
 
 def read_texts(path: str) -> list[str]:
@@ -119,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     limit_heap_growth()
     p = _Parser(prog="python -m roberta_lite.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
-    p.add_argument("--adapter", required=True, help="adapter directory written by train.py (adapter_config.json)")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="adapter directory written by train.py (adapter_config.json); repeat it to run several "
+                        "adapters of one base over the texts in the same passes")
     p.add_argument("--file", help="a text file (one text per line) or JSONL file ({'text': ...}); '-' for stdin")
     p.add_argument("--model", help="base model directory or hub id (default: the one the adapter records)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="base model precision")
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's limit)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="rows per forward pass: texts, or texts x adapters with several adapters")
     try:
         args = p.parse_args(argv)
         texts = list(args.texts) + (read_texts(args.file) if args.file else [])
@@ -133,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             raise _UsageError("no texts: give them as arguments or with --file")
         if args.batch_size < 1:
             raise _UsageError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
-        predictor = Predictor(args.adapter, model=args.model, device=args.device, precision=args.precision,
+        adapter = args.adapter[0] if len(args.adapter) == 1 else args.adapter
+        predictor = Predictor(adapter, model=args.model, device=args.device, precision=args.precision,
                               max_length=args.max_length)
         for text, result in zip(texts, predictor(texts, args.batch_size)):
-            print(json.dumps({"text": text, **result}, ensure_ascii=False), flush=True)
+            line = {"text": text, "adapters": result} if predictor.several else {"text": text, **result}
+            print(json.dumps(line, ensure_ascii=False), flush=True)
         return 0
-    except _UsageError as e:
+    except (_UsageError, IncompatibleAdapters) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, FileNotFoundError, ValueError) as e:

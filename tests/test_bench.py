@@ -83,3 +83,62 @@ def test_flop_model():
 def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "roberta_lite.bench", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--lengths" in r.stdout
+
+
+def test_bench_many_adapters_tiny(tmp_path):
+    """--adapters: three rows per mode on the same batches; the mixed batch computes what the separate passes do."""
+    out = tmp_path / "many.json"
+    data = bench.main(["--config", "tiny", "--adapters", "3", "--batch", "6", "--length", "16", "--steps", "2",
+                       "--warmup", "0", "--precision", "fp32", "--json", str(out), "--quiet"])
+    assert json.loads(out.read_text())["ratio"] == data["ratio"]
+    assert data["names_per_example"] == ["task0", "task1", "task2"] * 2
+    for mode in ("train", "infer"):
+        labels = [r["label"] for r in data["results"][mode]]
+        assert labels == ["1 adapter (6 x task0) fp32", "3 adapters mixed (1 pass) fp32", "3 adapters, 3 passes fp32"]
+        assert all(r["tokens_per_s"] > 0 and r["fraction_of_matmul_peak"] > 0 for r in data["results"][mode])
+        assert set(data["ratio"][mode]) == {"mixed / one adapter", "separate / mixed"}
+    parity = data["parity_max_abs_diff"]
+    assert parity["mixed vs separate passes"] < 1e-5 and parity["mixed vs one adapter (task0's examples)"] < 1e-5
+    assert data["matmul_peak_tflops"]["fp32"] > 0
+
+
+def test_bench_lora_tiny(tmp_path):
+    """--adapter lora: roberta_lite and peft compute the same LoRA (fp32 parity far below the LoRA's own effect);
+    inference times the merged LoRA beside the plain base."""
+    pytest.importorskip("peft")
+    data = bench.main(["--config", "tiny", "--adapter", "lora", "--batch", "2", "--length", "16", "--steps", "2",
+                       "--warmup", "0", "--hf-attn", "sdpa", "--precision", "fp32", "--quiet"])
+    assert [r["side"] for r in data["results"]["train"]] == ["roberta_lite", "transformers"]
+    assert [r["label"] for r in data["results"]["infer"]][:3] == [
+        "roberta_lite fp32 LoRA merged", "roberta_lite fp32 base, no adapter", "roberta_lite fp32 LoRA"]
+    parity = data["parity_max_abs_diff"]
+    effect = parity["fp32: LoRA's own effect (roberta_lite with vs without it)"]
+    assert parity["fp32: roberta_lite LoRA vs transformers+peft"] < effect / 100
+    assert parity["roberta_lite fp32 LoRA vs roberta_lite fp32 LoRA merged"] < effect / 100
+    assert {"train: roberta_lite / peft tok/s", "infer: merged / plain base step time"} <= set(data["ratio"])
+    assert data["adapter"]["kind"] == "lora" and data["adapter"]["targets"] == ["query", "value"]
+
+
+@pytest.mark.parametrize("argv", [["--adapters", "1"], ["--adapters", "9", "--batch", "8"],
+                                  ["--adapters", "2", "--fp32"], ["--adapter", "lora", "--lengths", "imdb"],
+                                  ["--adapters", "2", "--adapter", "lora"], ["--precision", "fp32"]])
+def test_bench_refuses_mode_combinations(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_adapter_flops():
+    cfg = bench.CONFIGS["base"]
+    assert bench.adapter_weights(cfg, bench.ADAPTER) == 2 * 2 * 768 * 48  # Houlsby: two per layer, 768 -> 48 -> 768
+    assert bench.adapter_weights(cfg, bench.LORA) == 2 * 8 * (768 + 768)  # query and value, r 8
+    assert bench.adapter_weights(cfg, None) == 0
+    base = bench.flops(cfg, 8, 256, train=False, adapter=None)
+    assert base < bench.flops(cfg, 8, 256, train=False, adapter=bench.LORA) < bench.flops(cfg, 8, 256, train=False)
+    # a LoRA on query/value trains through layer 0's attention core, which a Houlsby adapter never needs
+    core = 4 * 256 * 256 * 768 * 8
+    lora_bwd = bench.flops(cfg, 8, 256, True, bench.LORA) - bench.flops(cfg, 8, 256, False, bench.LORA)
+    houlsby_bwd = bench.flops(cfg, 8, 256, True) - bench.flops(cfg, 8, 256, False)
+    per_weight = 2 * 12 * 2 * 8 * 256  # input and weight gradients, 2 FLOPs per weight, 12 layers, 8 x 256 tokens
+    more = bench.adapter_weights(cfg, bench.LORA) - bench.adapter_weights(cfg, bench.ADAPTER)
+    assert lora_bwd - houlsby_bwd == 2 * core + per_weight * more

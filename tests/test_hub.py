@@ -182,3 +182,94 @@ def test_the_stand_in_hub_listens_on_loopback_only_and_stops():
     server.close()
     with pytest.raises(OSError):
         socket.create_connection((address[0], int(address[1])), timeout=1).close()
+
+
+# ---------------------------------------------------------------------------------------------- adapters by hub id
+
+ADAPTER_REPO = "someorg/adapter-repo"
+
+
+def adapter_logits(model: Model, adapter: str | None = None) -> torch.Tensor:
+    from test_parity import batch
+
+    ids, mask = batch(model.config.vocab_size, model.config.pad_id)
+    with torch.no_grad():
+        return model(ids, mask, adapter=adapter)
+
+
+def directory_files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_load_adapter_from_an_adapterhub_repo(hub, repo_files, tiny_roberta, tmp_path):
+    """A repository holding what the `adapters` library's save_adapter writes by default (pickled .bin weights,
+    read with weights_only): fetched once, computed as the library computes it, beside adapters already there."""
+    adapters = pytest.importorskip("adapters")
+    from test_adapterhub import randomize
+    from test_parity import batch
+
+    lib = adapters.AutoAdapterModel.from_pretrained(str(tiny_roberta))
+    lib.add_adapter("sst", config=adapters.DoubleSeqBnConfig(reduction_factor=8))
+    lib.add_classification_head("sst", num_labels=2, id2label={0: "neg", 1: "pos"})
+    lib.set_active_adapters("sst")
+    randomize(lib, ("adapters.sst.", "heads.sst."), seed=4)
+    lib.save_adapter(str(tmp_path / "saved"), "sst")
+    hub.serve({REPO: repo_files, ADAPTER_REPO: {**directory_files(tmp_path / "saved"), "README.md": b"# sst\n"}})
+
+    model = Model.from_pretrained(REPO).add_adapter("other", "pfeiffer")
+    before = adapter_logits(model, "other")
+    model.load_adapter(ADAPTER_REPO)
+    assert model.adapter_names == ["other", "sst"] and model.active_adapter == "sst"
+    assert model.labels == ["neg", "pos"]
+    ids, mask = batch(model.config.vocab_size, model.config.pad_id)
+    with torch.no_grad():
+        want = lib.eval()(input_ids=ids, attention_mask=mask).logits
+    assert (adapter_logits(model) - want).abs().max() <= 1e-4
+    assert torch.equal(adapter_logits(model, "other"), before)
+    assert sorted(n for n in fetched(hub) if n not in repo_files) == [
+        "adapter_config.json", "head_config.json", "pytorch_adapter.bin", "pytorch_model_head.bin"]
+    n = len(fetched(hub))
+    Model.from_pretrained(REPO).load_adapter(ADAPTER_REPO)
+    assert len(fetched(hub)) == n, "the second load downloaded again instead of using the cache"
+
+
+def test_load_adapter_from_a_native_repo_and_mix_it(hub, repo_files, tiny_roberta, tmp_path):
+    """roberta_lite's own adapter files, served as a repository: loaded by id onto a base loaded by id, equal to
+    the adapter it was saved from, and usable in a mixed batch beside a local one."""
+    trained = Model.from_pretrained(tiny_roberta).add_adapter("topic", "houlsby", num_labels=3,
+                                                              labels=["x", "y", "z"])
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if ".topic." in name:
+                p.normal_(std=0.3)
+    trained.save_adapter(tmp_path / "topic")
+    hub.serve({REPO: repo_files, ADAPTER_REPO: directory_files(tmp_path / "topic")})
+
+    model = Model.from_pretrained(REPO).add_adapter("plain", "pfeiffer", num_labels=2)
+    model.load_adapter(ADAPTER_REPO)
+    assert model.adapter_names == ["plain", "topic"] and model.labels == ["x", "y", "z"]
+    assert torch.equal(adapter_logits(model), adapter_logits(trained))
+    mixed = adapter_logits(model, ["topic", "plain", "topic", "plain"])
+    assert (mixed[[0, 2]] - adapter_logits(trained)[[0, 2]]).abs().max() <= 1e-5
+    assert torch.isinf(mixed[[1, 3], 2]).all()
+
+
+def test_a_missing_adapter_repo_is_named_and_changes_nothing(hub, repo_files):
+    hub.serve({REPO: repo_files})
+    model = Model.from_pretrained(REPO).add_adapter("kept", "houlsby")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError) as e:
+        model.load_adapter("someorg/no-such-adapter")
+    assert "'someorg/no-such-adapter'" in str(e.value) and "\n" not in str(e.value)
+    assert model.adapter_names == ["kept"] and model.active_adapter == "kept"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_peft_repo_is_named_after_the_repository(hub, repo_files, tiny_roberta, tmp_path):
+    """peft files hold no name: a local directory gives its own, a hub download (whose directory is the snapshot's
+    commit hash) the repository's."""
+    trained = Model.from_pretrained(tiny_roberta).add_adapter("lora", "lora", num_labels=2)
+    trained.save_adapter(tmp_path / "lora", format="peft")
+    hub.serve({REPO: repo_files, ADAPTER_REPO: directory_files(tmp_path / "lora")})
+    model = Model.from_pretrained(REPO).load_adapter(ADAPTER_REPO)
+    assert model.adapter_names == ["adapter-repo"]

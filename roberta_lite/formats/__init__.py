@@ -58,7 +58,12 @@ def detect(directory: Path):
 def read(source: str | os.PathLike, model) -> AdapterFile:
     """Read and fully check an adapter (a directory or hub id) against `model`, without changing the model."""
     d = resolve_checkpoint(source, what="adapter", patterns=ADAPTER_HUB_FILES)
-    return check(model, detect(d).read(d, model.config.hidden_size, model.config.num_layers), d)
+    fmt = detect(d)
+    f = fmt.read(d, model.config.hidden_size, model.config.num_layers)
+    if fmt.FORMAT == "peft" and not Path(source).expanduser().is_dir():
+        # peft files hold no name, so the reader takes the directory's; a hub download's is a commit hash
+        f = replace(f, name=str(source).rstrip("/").rsplit("/", 1)[-1])
+    return check(model, f, d)
 
 
 def check(model, f: AdapterFile, where: Path) -> AdapterFile:
@@ -73,6 +78,7 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
         cfg = A.AdapterConfig.of(f.config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+    _check_head(f, where)
     expected = A.expected_shapes(model, cfg, f.num_labels or 1)
     if f.num_labels is None:
         expected = {k: s for k, s in expected.items() if not k.startswith("head.")}
@@ -85,6 +91,19 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
             raise CheckpointError(f"{f.source or where}: tensor {k!r} has shape {tuple(t.shape)}, this model "
                                   f"expects {expected[k]} (adapter saved for another base?)")
     return replace(f, config=cfg)
+
+
+def _check_head(f: AdapterFile, where: Path) -> None:
+    """What the file says of its head: a positive number of outputs (or no head), one name per output, a task
+    roberta_lite knows; checked here so that adding the head cannot fail after the model has begun to change."""
+    n = f.num_labels
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise CheckpointError(f"{where}: num_labels {n!r}: expected a positive integer")
+    if f.labels is not None and (not isinstance(f.labels, list) or len(f.labels) != n
+                                 or not all(isinstance(x, str) for x in f.labels)):
+        raise CheckpointError(f"{where}: labels {f.labels!r}: expected {n} names, one per output")
+    if f.task not in A.TASKS:
+        raise CheckpointError(f"{where}: task {f.task!r}: expected one of {', '.join(A.TASKS)}")
 
 
 def add(model, f: AdapterFile, name: str | None = None, replace_existing: bool = False) -> str:

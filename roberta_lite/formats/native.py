@@ -49,7 +49,7 @@ def read(directory: Path, hidden_size: int, num_layers: int):
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return AdapterFile(meta.get("name"), meta["adapter"], {k: t.float() for k, t in tensors.items()},
-                       int(meta["num_labels"]), list(meta["labels"]), meta.get("task", "classification"),
+                       meta["num_labels"], meta["labels"], meta.get("task", "classification"),  # formats.check
                        {"model": meta.get("base_model"), "fingerprint": meta["base_fingerprint"]}, path)
 
 
