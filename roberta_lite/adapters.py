@@ -255,7 +255,9 @@ def add(model: "Model", name, cfg, num_labels: int | None, labels: Sequence[str]
         head = ClassificationHead(model.config, num_labels, labels, task)
         head.apply(partial(W.init_fresh, std=model.config.initializer_range))
     if name in model.adapter_configs:
-        delete(model, name)
+        if model.merged_adapter == name:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weights: unmerge_adapter() first")
+        _remove(model, name)
     slots = dict(model.named_modules())
     for path, m in modules.items():
         slots[path][name] = m.to(device).train(model.training)
@@ -282,12 +284,17 @@ def delete(model: "Model", name: str):
         raise KeyError(f"adapter {name!r} is not in this model (it has {', '.join(model.adapter_names) or 'none'})")
     if model.merged_adapter == name:
         raise RuntimeError(f"adapter {name!r} is merged into the base weights: unmerge_adapter() first")
+    if model.active_adapter == name:  # else model(ids) would silently answer for another task
+        raise RuntimeError(f"adapter {name!r} is the active adapter: set model.active_adapter to another one "
+                           f"(or None) before deleting it")
+    _remove(model, name)
+
+
+def _remove(model: "Model", name: str):
     for m in model.modules():
         if isinstance(m, Slot) and name in m:
             del m[name]
     del model.heads[name], model.adapter_configs[name]
-    if model.active_adapter == name:
-        model.active_adapter = next(reversed(model.adapter_configs), None)
 
 
 def adapter_tensors(model: "Model", name: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -399,6 +406,18 @@ class AdapterMethods:
     merged_adapter: str | None = None  # a LoRA folded into the base weights (merge_adapter)
     _unmerge: list = []  # (weight, its value before merging), to unmerge bit for bit
     _fingerprint: str | None = None  # base_fingerprint(), computed once
+    _active: str | None = None
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter forward passes use when they name none (None: the model's own classifier)."""
+        return self._active
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None):
+        if name is not None and name not in self.adapter_configs:
+            raise KeyError(f"adapter {name!r} is not in this model (it has {', '.join(self.adapter_names) or 'none'})")
+        self._active = name
 
     def delete_adapter(self, name: str) -> "Model":
         delete(self, name)

@@ -892,9 +892,9 @@ def separate_passes(m: Model, names: list[str]) -> Callable:
 
 def base_dtype(a: argparse.Namespace, device: torch.device) -> tuple[torch.dtype, str]:
     """--precision for the adapter modes: (the base's dtype, its name)."""
-    from roberta_lite import predict  # select_dtype: train.py's choice of the base's dtype
+    from roberta_lite import runtime  # select_dtype: train.py's choice of the base's dtype
 
-    dtype = predict.select_dtype(a.precision, device)
+    dtype = runtime.select_dtype(a.precision, device)
     return dtype, "bf16" if dtype == torch.bfloat16 else "fp32"
 
 

@@ -5,6 +5,11 @@
     python -m roberta_lite.predict --adapter DIR --file reviews.jsonl    # {"text": ...} per line
     ... --file -                                                          # texts from stdin
     python -m roberta_lite.predict --adapter A --adapter B TEXT...        # several tasks at once
+    python -m roberta_lite.predict --adapter NLI --pair "A man sleeps." "Nobody is awake."   # sentence pairs
+    python -m roberta_lite.predict --adapter NLI --file pairs.jsonl      # {"text": ..., "text_pair": ...}
+
+What a result holds follows the adapter's task: classification {"label", "probability", "probabilities"};
+regression {"score"}; multilabel {"labels": every label above 0.5, "probabilities": {label: p, ...}}.
 
 The adapter directory (written by train.py / Model.save_adapter) records its base model, a hub id or a local
 directory, so nothing else is needed; `--model` points elsewhere when the base has moved.
@@ -90,17 +95,18 @@ class Predictor:
             raise ValueError(f"--max-length {max_length}: must lie in 2..{limit} for this model")
         self.max_length = max_length or limit
 
-    def __call__(self, texts: list[str], batch_size: int = 32) -> list[dict]:
+    def __call__(self, texts: list[str], batch_size: int = 32, text_pairs: list[str] | None = None) -> list[dict]:
         """One adapter: [{"label": name, "probability": p, "probabilities": {name: p, ...}}, ...] in the order of
         `texts`. Several: [{adapter argument: that dict, ...}, ...]. `batch_size` counts rows of a forward pass:
         with N adapters, each pass holds batch_size // N texts, each once per adapter."""
-        results = self.classify(texts, batch_size)
+        results = self.classify(texts, batch_size, text_pairs)
         return [dict(zip(self.keys, r)) if self.several else r[0] for r in results]
 
     @torch.inference_mode()
-    def classify(self, texts: list[str], batch_size: int = 32) -> list[list[dict]]:
-        """For each text, one result dict per adapter (in the order given), all adapters in the same passes."""
-        seqs = self.tokenizer.encode_batch(list(texts), self.max_length)
+    def classify(self, texts: list[str], batch_size: int = 32, text_pairs: list[str] | None = None) -> list[list[dict]]:
+        """For each text (or pair), one result dict per adapter (in the order given), all adapters in the same
+        passes."""
+        seqs = self.tokenizer.encode_batch(list(texts), self.max_length, text_pairs=text_pairs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches: little padding
         out: list[list[dict]] = [[] for _ in seqs]
         pad, n = self.model.config.pad_id, len(self.names)
@@ -121,16 +127,25 @@ class Predictor:
         return out
 
     def _result(self, logits: torch.Tensor, name: str) -> dict:
-        labels = self.model.heads[name].labels
-        p = logits[:len(labels)].softmax(-1)  # a mixed batch pads narrower heads with -inf: drop those columns
+        head = self.model.heads[name]
+        labels = head.labels
+        logits = logits[:len(labels)]  # a mixed batch pads narrower heads with -inf: drop those columns
+        if head.task == "regression":
+            return {"score": round(float(logits[0]), 6)}
+        if head.task == "multilabel":
+            p = logits.sigmoid()
+            return {"labels": [label for label, q in zip(labels, p) if q > 0.5],
+                    "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
+        p = logits.softmax(-1)
         k = int(p.argmax())
         return {"label": labels[k], "probability": round(float(p[k]), 6),
                 "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
 
 
-def read_texts(path: str) -> list[str]:
-    """Texts from a file: JSON Lines ({"text": ...} per line) when it ends in .jsonl/.json or its first line is an
-    object, else one text per non-blank line. '-' reads standard input."""
+def read_texts(path: str) -> tuple[list[str], list[str | None]]:
+    """(texts, second texts) from a file: JSON Lines ({"text": ..., "text_pair": ... optional} per line) when it
+    ends in .jsonl/.json or its first line is an object, else one text per non-blank line (no pairs). '-' reads
+    standard input."""
     if path == "-":
         raw, shown = sys.stdin.buffer.read(), "<stdin>"
     else:
@@ -141,12 +156,13 @@ def read_texts(path: str) -> list[str]:
     lines = raw.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
     is_jsonl = shown.lower().endswith((".jsonl", ".json")) or first.lstrip().startswith("{")
-    texts = []
+    texts, pairs = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if not is_jsonl:
             texts.append(line)
+            pairs.append(None)
             continue
         try:
             obj = json.loads(line)
@@ -154,8 +170,11 @@ def read_texts(path: str) -> list[str]:
             raise ValueError(f"{shown} line {n}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{shown} line {n}: expected an object with a string 'text' field")
+        if "text_pair" in obj and not isinstance(obj["text_pair"], str):
+            raise ValueError(f"{shown} line {n}: 'text_pair' must be a string")
         texts.append(obj["text"])
-    return texts
+        pairs.append(obj.get("text_pair"))
+    return texts, pairs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, action="append",
                    help="adapter directory written by train.py (adapter_config.json); repeat it to run several "
                         "adapters of one base over the texts in the same passes")
-    p.add_argument("--file", help="a text file (one text per line) or JSONL file ({'text': ...}); '-' for stdin")
+    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("TEXT", "TEXT_PAIR"),
+                   help="a sentence pair (repeatable), for adapters trained on pairs")
+    p.add_argument("--file", help="a text file (one text per line) or JSONL file ({'text': ..., 'text_pair': ...}); "
+                                  "'-' for stdin")
     p.add_argument("--model", help="base model directory or hub id (default: the one the adapter records)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="base model precision")
@@ -183,16 +205,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows per forward pass: texts, or texts x adapters with several adapters")
     try:
         args = p.parse_args(argv)
-        texts = list(args.texts) + (read_texts(args.file) if args.file else [])
+        from_file = read_texts(args.file) if args.file else ([], [])
+        texts = list(args.texts) + [a for a, _ in args.pair] + from_file[0]
+        pairs = [None] * len(args.texts) + [b for _, b in args.pair] + from_file[1]
         if not texts:
-            raise _UsageError("no texts: give them as arguments or with --file")
+            raise _UsageError("no texts: give them as arguments, with --pair or with --file")
+        if any(x is None for x in pairs) and any(x is not None for x in pairs):
+            raise _UsageError("give either single texts or sentence pairs, not both in one run")
+        pairs = None if pairs[0] is None else pairs
         if args.batch_size < 1:
             raise _UsageError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
         adapter = args.adapter[0] if len(args.adapter) == 1 else args.adapter
         predictor = Predictor(adapter, model=args.model, device=args.device, precision=args.precision,
                               max_length=args.max_length)
-        for text, result in zip(texts, predictor(texts, args.batch_size)):
-            line = {"text": text, "adapters": result} if predictor.several else {"text": text, **result}
+        for i, result in enumerate(predictor(texts, args.batch_size, pairs)):
+            line = {"text": texts[i], **({"text_pair": pairs[i]} if pairs else {})}
+            line.update({"adapters": result} if predictor.several else result)
             print(json.dumps(line, ensure_ascii=False), flush=True)
         return 0
     except (_UsageError, IncompatibleAdapters) as e:

@@ -321,8 +321,6 @@ def test_deleting_an_adapter_removes_exactly_its_tensors(ckpt):
     assert model.adapter_names == ["sentiment", "lo"] and model.active_adapter == "sentiment"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (adapters.delete): deleting the active adapter silently makes the last "
-                                       "remaining one active, so model(ids) answers for another task")
 def test_deleting_the_active_adapter_is_refused(ckpt):
     model = many(ckpt)
     model.active_adapter = "topic"
@@ -332,8 +330,6 @@ def test_deleting_the_active_adapter_is_refused(ckpt):
     assert_unchanged(model, before)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (model.py): active_adapter is a plain attribute, so an unknown name "
-                                       "is accepted and fails later (model.labels: a bare KeyError 'nope')")
 def test_activating_an_unknown_adapter_is_refused(ckpt):
     model = many(ckpt)
     with pytest.raises(KeyError, match="'nope' is not in this model"):

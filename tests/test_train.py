@@ -28,6 +28,7 @@ import train  # noqa: E402  (the top-level script)
 from roberta_lite import data as D  # noqa: E402
 from roberta_lite import Model, Tokenizer  # noqa: E402
 from roberta_lite import checkpoint as CK  # noqa: E402
+from roberta_lite.adapters import adapter_tensors  # noqa: E402
 from roberta_lite import predict, runtime  # noqa: E402
 
 POSITIVE, NEGATIVE, FILLER = TINY_WORDS[:10], TINY_WORDS[10:20], TINY_WORDS[20:]
@@ -493,3 +494,32 @@ def test_ddp_device_rules(monkeypatch):
         runtime.select_device("cuda:0", local_rank=1, world=2)
     with pytest.raises(ValueError, match="at most 2 processes"):
         runtime.select_device("auto", local_rank=2, world=3)
+
+
+def test_predict_sentence_pairs_regression_and_multilabel(tiny_roberta, tmp_path, capsys):
+    """predict prints a score for regression, every label above 0.5 for multilabel, and encodes pairs the way
+    the tokenizer does (<s> A </s></s> B </s>): each figure equals the model's own output for that input."""
+    model = Model.from_pretrained(tiny_roberta)
+    model.add_adapter("reg", "houlsby", num_labels=1, labels=["score"], task="regression")
+    model.add_adapter("ml", "lora", num_labels=3, labels=["a", "b", "c"], task="multilabel")
+    with torch.no_grad():  # the adapters' weights only (the base must keep its fingerprint)
+        for name in ("reg", "ml"):
+            for _, p in adapter_tensors(model, name):
+                p.add_(torch.randn_like(p) * 0.5)  # outputs far from 0 / 0.5, so a wrong head or input shows
+    model.save_adapter(tmp_path / "reg", name="reg")
+    model.save_adapter(tmp_path / "ml", name="ml")
+    tok = Tokenizer.from_pretrained(tiny_roberta)
+    ids, mask = tok(["a great film", "dull"], ["a fine movie", "boring"])
+    with torch.no_grad():
+        scores = model(ids, mask, adapter="reg")[:, 0]
+        probs = model(ids, mask, adapter="ml").sigmoid()
+    pairs = ["--pair", "a great film", "a fine movie", "--pair", "dull", "boring"]
+    assert predict.main(["--adapter", str(tmp_path / "reg"), "--device", "cpu", *pairs]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["text_pair"] for x in lines] == ["a fine movie", "boring"]
+    assert [x["score"] for x in lines] == pytest.approx(scores.tolist(), abs=1e-5)
+    assert predict.main(["--adapter", str(tmp_path / "ml"), "--device", "cpu", *pairs]) == 0
+    for x, p in zip((json.loads(x) for x in capsys.readouterr().out.splitlines()), probs):
+        assert list(x["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
+        assert x["labels"] == [name for name, q in zip("abc", p) if q > 0.5]
+    assert predict.main(["--adapter", str(tmp_path / "reg"), "one text", *pairs[:3]]) == 2  # mixed: refused
