@@ -5,7 +5,6 @@ torchrun) and the frozen base's precision (bf16 where the hardware has it)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
