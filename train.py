@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Adapter fine-tuning of a frozen RoBERTa for text classification: data in, trained adapter + metrics out.
+"""Adapter fine-tuning of a frozen RoBERTa (classification, sentence pairs, regression, multilabel): data in,
+trained adapter + metrics out.
 
     python train.py --data imdb                              # roberta-base + Houlsby adapters on IMDB
     python train.py --data reviews.csv --model ./my-roberta  # any CSV/JSONL/aclImdb data, any local checkpoint
@@ -7,8 +8,9 @@
     torchrun --nproc_per_node=4 train.py --data imdb         # DistributedDataParallel, one process per GPU
     python -m roberta_lite.predict --adapter weights/adapters/imdb-houlsby "A wonderful film."
 
-The file reads top to bottom: arguments, then small helpers (distributed setup, checkpoints, evaluation), then
-`train()`: model files, data, tokens, model, optimizer, the training loop, the final test, the outputs.
+The file reads top to bottom: arguments, small helpers (distributed setup, evaluation), the run's state, then the
+steps, each a short function, and at the bottom `train()`, which is the list of steps: start, locate_base,
+load_splits, build_model, build_optimizer, fit (epochs of train_step and end_epoch), finish (test, outputs).
 
 Defaults and where they come from (all overridable):
   * --lr 1e-4, --batch-size 32, --epochs 15 with --patience 4 (stop when validation accuracy has not improved for
@@ -103,9 +105,16 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train a bottleneck adapter + classifier head on a frozen RoBERTa.", allow_abbrev=False,
-                formatter_class=_Help)
-    g = p.add_argument_group("data")
+    p = _Parser(description="Train an adapter (Houlsby, Pfeiffer or LoRA) + head on a frozen RoBERTa.",
+                allow_abbrev=False, formatter_class=_Help)
+    _data_arguments(p.add_argument_group("data"))
+    _model_arguments(p.add_argument_group("model"))
+    _optimisation_arguments(p.add_argument_group("optimisation"))
+    _running_arguments(p.add_argument_group("running"))
+    return p
+
+
+def _data_arguments(g: argparse._ArgumentGroup):
     g.add_argument("--data", help="'imdb' (the official archive, downloaded once into the cache), an aclImdb "
                    "archive or directory, or a .csv/.tsv/.jsonl file with 'text' and 'label' "
                    "(required unless --resume)")
@@ -125,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=_int_at_least(2),
                    help="truncate texts to this many tokens (default: 512, or the model's limit if smaller)")
     g.add_argument("--cache-dir", help="where tokenized data is cached (default: the roberta_lite cache's tokens/)")
-    g = p.add_argument_group("model")
+
+
+def _model_arguments(g: argparse._ArgumentGroup):
     g.add_argument("--model", default="roberta-base", help="base checkpoint: a local directory or a Hugging Face "
                    "hub id (downloaded into weights/<id>/ and reused offline)")
     g.add_argument("--adapter", choices=A.KINDS, default="houlsby",
@@ -146,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden-state dropout (default: the checkpoint's, 0.1 for roberta-base)")
     g.add_argument("--attention-dropout", type=_float_in(0, 1, hi_open=True), default=0.0,
                    help="dropout on the frozen base's attention probabilities")
-    g = p.add_argument_group("optimisation")
+
+
+def _optimisation_arguments(g: argparse._ArgumentGroup):
     g.add_argument("--epochs", type=_int_at_least(1), default=15, help="passes over the training data")
     g.add_argument("--patience", type=_int_at_least(0), default=4,
                    help="stop when the validation metric has not improved for this many epochs (0: never)")
@@ -160,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=_float_in(0, 10), default=0.01, help="AdamW decay, on matrices only")
     g.add_argument("--clip", type=_float_in(0, 1e9), default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds initialisation, splits, order, dropout")
-    g = p.add_argument_group("running")
+
+
+def _running_arguments(g: argparse._ArgumentGroup):
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="frozen base precision; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
@@ -172,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write OUTPUT/checkpoint/ every N steps (it is always written at each epoch's end)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint/")
     g.add_argument("--stop-after-steps", type=_int_at_least(1), help=argparse.SUPPRESS)  # tests: a clean stop
-    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
