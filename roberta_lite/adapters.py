@@ -156,8 +156,9 @@ class Slot(nn.ModuleDict):
         return out
 
 
-def make_route(model: "Model", adapter: str | Sequence[str] | None, batch: int, device: torch.device) -> Route | None:
-    """`adapter`: None (the active adapter, if any), one name, or one name per example."""
+def make_route(model: "Model", adapter: str | Sequence[str] | None, ids: torch.Tensor) -> Route | None:
+    """`adapter`: None (the active adapter, if any), one name, or one name per example of `ids`' batch."""
+    batch, device = ids.shape[0], ids.device
     merged = model.merged_adapter
     if adapter is None:
         adapter = model.active_adapter
@@ -204,7 +205,7 @@ def classify(model: "Model", route: Route | None, x: torch.Tensor) -> torch.Tens
 
 def build(config: "Config", cfg: AdapterConfig) -> dict[str, nn.Module]:
     """The modules of one adapter, by the slot they go into ('layers.3.ffn_adapter', 'layers.3.attn.qkv_lora', ...)."""
-    from roberta_lite.model import Adapter, LoRA
+    from roberta_lite.model import Adapter, LoRA, QKVLoRA
 
     C, F_, std, out = config.hidden_size, config.ffn_size, config.initializer_range, {}
     if not cfg.is_lora and C // cfg.reduction_factor < 1:
@@ -326,28 +327,12 @@ def is_base(model: "Model") -> dict[str, bool]:
     return {k: id(p) not in adapter | own_head for k, p in model.named_parameters()}
 
 
-class QKVLoRA(nn.ModuleDict):
-    """LoRA on query, key and/or value. They share one fused projection, so each part's update fills its third
-    of the (B, T, 3C) output, and the thirds without a LoRA get zeros."""
-
-    PARTS = ("query", "key", "value")
-
-    def __init__(self, hidden_size: int, cfg: AdapterConfig):
-        from roberta_lite.model import LoRA
-
-        super().__init__({p: LoRA(hidden_size, hidden_size, cfg) for p in self.PARTS if p in cfg.targets})
-        self.hidden_size = hidden_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)
-        return torch.cat([self[p](x) if p in self else zero for p in self.PARTS], dim=-1)  # (B, T, 3C)
-
-
-
 # ---------------------------------------------------------------------------------------------- merging LoRA
 
 def lora_modules(model: "Model", name: str) -> Iterator[tuple[nn.Linear, nn.Module, slice]]:
     """(base linear, LoRA module, rows of the linear's output it updates) for each target of LoRA adapter `name`."""
+    from roberta_lite.model import QKVLoRA
+
     for layer in model.layers:
         for linear, slot in ((layer.attn.qkv, layer.attn.qkv_lora), (layer.attn.proj, layer.attn.proj_lora),
                              (layer.ffn.up, layer.ffn.up_lora), (layer.ffn.down, layer.ffn.down_lora)):

@@ -13,15 +13,15 @@ adapters sit:
                  └───────────────────────────────────────────────► x + h ────────────► (+) ─► LayerNorm ─► x
     (a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer; "+LoRA": that projection's output gains a LoRA term)
 
-Adapters are small trained modules added to a frozen pretrained model; one copy of the base serves every task.
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/r → C, ~1.4% of roberta-base's
-    parameters for Houlsby's two per layer at r = 16. Houlsby puts one after each sublayer, reading h:   x ← LN(x + h + A(h)).
-    Pfeiffer puts one after the FFN only, reading the normalised sum:       x ← LN(x + h + A(LN(x + h)))
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/r → C (Houlsby's two per layer
+    at r = 16: ~1.4% of roberta-base). Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h));
+    Pfeiffer one after the FFN only, reading the normalised sum:  x ← LN(x + h + A(LN(x + h)))
     (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
     B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, the attention output, FFN up and down.
 Both start as the identity (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
-the pretrained model. Only the adapter and a classification head of its own train; the base stays frozen.
+the pretrained model. Only the adapter and a classification head of its own train; the base stays frozen, and
+one copy of it serves every task.
 
 Where adapters go, the model has a `Slot` (adapters.py): a dict from adapter name to module, empty until
 `add_adapter` fills it. `slot(route, *inputs)` passes its inputs to the adapters this batch uses (`route`: the
@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from roberta_lite import adapters as A
+from roberta_lite import formats
 from roberta_lite import kernels as K
 from roberta_lite import weights as W
 from roberta_lite.adapters import AdapterConfig, Slot
@@ -118,6 +119,21 @@ class LoRA(nn.Module):
         return K.linear(K.linear(x, self.A), self.B) * self.scale  # (B, T, in) -> (B, T, r) -> (B, T, out)
 
 
+class QKVLoRA(nn.ModuleDict):
+    """LoRA on query, key and/or value: one LoRA (with its own dropout) per part targeted. They share the fused
+    projection, so each part's update fills its third of the (B, T, 3C) output; untargeted thirds get zeros."""
+
+    PARTS = ("query", "key", "value")
+
+    def __init__(self, hidden_size: int, cfg: AdapterConfig):
+        super().__init__({p: LoRA(hidden_size, hidden_size, cfg) for p in self.PARTS if p in cfg.targets})
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)
+        return torch.cat([self[p](x) if p in self else zero for p in self.PARTS], dim=-1)  # (B, T, 3C)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention, bidirectional: every token sees every non-padding token."""
 
@@ -133,14 +149,12 @@ class SelfAttention(nn.Module):
                 first_only: bool = False) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
-        # One slot for the fused projection: a LoRA adapter holds one LoRA per part it targets (adapters.QKVLoRA),
-        # each filling its third of the (B, T, 3C) update, zeros elsewhere. The cast keeps q, k, v in the base's
-        # precision (the bf16 path), since the LoRA term is float32.
+        # One slot for the fused projection, holding QKVLoRAs. The cast keeps q, k, v in the base's precision
+        # (the bf16 path), since the LoRA term is float32.
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         if first_only:
-            q = q[:, :, :1]  # only <s> asks (see Model.forward); every token still answers with its key and value
-        # (the padding mask is over keys, so it holds for one query row as for T)
+            q = q[:, :, :1]  # only <s> asks (Model.forward); all T keys and values (and their mask) still answer
         # softmax(q k^T / sqrt(C/H)) v, padding keys masked out (mask: (B, 1, 1, T)); the fused kernel or, for
         # training on CPU, the ops written out (faster backward there).
         y = K.attention(q, k, v, mask, self.dropout, self.training)  # (B, H, Tq, C/H)
@@ -245,9 +259,8 @@ class MaskedLMHead(nn.Module):
 
 
 class Model(A.AdapterMethods, nn.Module):
-    """RoBERTa encoder + its classification head (+ the MLM head when the checkpoint has one) + named adapters,
-    each with a head of its own. The rest of the adapter API (delete_adapter, labels, merge_adapter, ...) is
-    bookkeeping over `heads` and `adapter_configs`: adapters.AdapterMethods."""
+    """Encoder + its own classifier (+ MLM head if the checkpoint has one) + named adapters, each with a head. The
+    rest of the adapter API (delete_adapter, labels, merge_adapter, ...) is in adapters.AdapterMethods."""
 
     def __init__(self, config: Config, num_labels: int = 2, adapter: AdapterConfig | str | None = None,
                  mlm_head: bool = False):
@@ -265,18 +278,18 @@ class Model(A.AdapterMethods, nn.Module):
         if adapter is not None:
             self.add_adapter("default", adapter)
 
-    # ------------------------------------------------------------------ forward passes
-    # `adapter`: None for the active adapter, a name, or a list of names, one per example (one pass of the base).
+    # Forward passes. `adapter`: None for the active adapter, a name, or a list of names, one per example (one pass of the base).
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                adapter: str | Sequence[str] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), float32, equal to transformers' RobertaModel(...).last_hidden_state."""
-        return self._encode(input_ids, attention_mask, self._route(adapter, input_ids))
+        return self._encode(input_ids, attention_mask, A.make_route(self, adapter, input_ids))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits (B, num_labels), float32, from each example's adapter's head (see adapters.classify)."""
-        route = self._route(adapter, input_ids)
+        """Logits (B, num_labels), float32, from each example's adapter's head; with no adapter active, from the
+        model's own `head` (adapters.classify)."""
+        route = A.make_route(self, adapter, input_ids)
         # The head reads <s> alone, so the last layer computes only <s>'s row: its attention still reads every
         # token, but the other T-1 rows of the last attention output, FFN and adapters would be thrown away.
         return A.classify(self, route, self._encode(input_ids, attention_mask, route, first_only=True))
@@ -290,29 +303,22 @@ class Model(A.AdapterMethods, nn.Module):
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: A.Route | None,
                 first_only: bool = False) -> torch.Tensor:
-        # ids checked against the vocabulary and length; the (B, T) 0/1 mask becomes a (B, 1, 1, T) key mask,
-        # True = real token, or None when the batch has no padding at all
-        mask = K.attention_mask(self.config, ids, attention_mask)
+        mask = K.attention_mask(self.config, ids, attention_mask)  # checks ids; (B,1,1,T), True = real; None: no pad
         x = self.embed(ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, route, first_only=first_only and i == len(self.layers) - 1)
         return x  # (B, T, C), or (B, 1, C) with first_only
 
-    def _route(self, adapter, ids: torch.Tensor) -> A.Route | None:
-        return A.make_route(self, adapter, ids.shape[0], ids.device)
-
     def add_adapter(self, name: str | AdapterConfig | dict, config: AdapterConfig | str | dict | None = None, *,
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
                     task: str = "classification", replace: bool = False) -> "Model":
         """Add a fresh adapter `name` (the identity until trained) with its own classification head, and make it
-        active. The head starts as a copy of the model's own classifier unless num_labels is given. (As in earlier
-        versions, `add_adapter(config)` alone replaces an adapter named "default".)"""
+        active. The head starts as a copy of the model's own classifier unless num_labels is given."""
         A.add(self, name, config, num_labels, labels, task, replace)
         return self
 
     def freeze_base(self) -> str:
-        """Train only the active adapter and its head (everything else, LayerNorms and the model's own head included,
-        is frozen). Returns a summary like peft's print_trainable_parameters()."""
+        """Train only the active adapter and its head; LayerNorms and all else stay frozen. Returns a summary."""
         return A.freeze_base(self)
 
     def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> "Model":
@@ -330,19 +336,14 @@ class Model(A.AdapterMethods, nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int | None = None,
                         adapter: AdapterConfig | str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, **kwargs) -> "Model":
-        """A RoBERTa checkpoint saved by transformers (a directory or a hub id); `dtype=torch.bfloat16` is the fast
-        path for a frozen base. See weights.load_pretrained for every argument."""
+        """A transformers RoBERTa checkpoint (directory or hub id); dtype=torch.bfloat16: the fast frozen base."""
         return W.load_pretrained(cls, name_or_path, num_labels, adapter, dtype, device, **kwargs)
 
     def save_adapter(self, directory: str | os.PathLike, name: str | None = None, format: str = "roberta_lite"):
         """Write one adapter and its head ("roberta_lite", "adapterhub" or "peft" format); see formats/."""
-        from roberta_lite import formats
-
         return formats.save(self, directory, name, format)
 
     def load_adapter(self, source: str | os.PathLike, name: str | None = None, replace: bool = False) -> "Model":
         """Add an adapter from a directory or hub id in any supported format, and make it active."""
-        from roberta_lite import formats
-
         formats.load(self, source, name, replace)
         return self
