@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from roberta_lite import AdapterConfig, CheckpointError, Config, Model, Tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+
 
 adapters = pytest.importorskip("adapters")
 

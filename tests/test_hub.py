@@ -17,7 +17,7 @@ import torch
 
 from hubserver import HubServer, reset_sessions, set_offline, use_hub
 from roberta_lite import Model, Tokenizer
-from roberta_lite import predict, runtime
+from roberta_lite import runtime
 
 REPO = "someorg/tiny-roberta"
 TEXT = "The film was wonderful, really quite moving."
