@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 adapters = pytest.importorskip("adapters")
 
 from checkpoints import TINY, save_hf  # noqa: E402
