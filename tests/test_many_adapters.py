@@ -20,7 +20,8 @@ from roberta_lite import AdapterConfig, CheckpointError, Model
 from roberta_lite.model import Adapter, LoRA
 from test_parity import TOL, batch
 
-SHAPE = dict(TINY, hidden_size=64, intermediate_size=128)  # 2 layers, 4 heads, 99 tokens
+SHAPE = dict(TINY, hidden_size=64, intermediate_size=128,  # 2 layers, 4 heads, 99 tokens
+             initializer_range=0.02)  # bf16 comparisons: test_parity's scale, not TINY's large GELU-guarding weights
 C, L, FF = SHAPE["hidden_size"], SHAPE["num_hidden_layers"], SHAPE["intermediate_size"]
 LORA = AdapterConfig("lora", r=4, alpha=8, targets=("query", "value", "attn_out", "ffn_up", "ffn_down"))
 KINDS = {"sentiment": ("houlsby", 2), "topic": (AdapterConfig("pfeiffer", reduction_factor=8), 4), "lo": (LORA, 3)}
