@@ -31,8 +31,9 @@ from which each kind picks what it reads; a LoRA slot's input is its projection'
 `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16 (the fast path); the residual
-stream, LayerNorms, adapters and heads are float32. kernels.py implements it in `Linear`, `LayerNorm` and
-`Embedding`, and holds the other fast paths (cheap dropout, CPU attention); this file calls them by name.
+stream, LayerNorms, adapters and heads are float32. kernels.py implements it in `Linear` (computes in its own
+weight's dtype whatever its input's, so a bf16 sublayer output plus a float32 LoRA term needs no cast), `LayerNorm`
+and `Embedding` (both return float32); it holds the other fast paths too (cheap dropout, CPU attention).
 Loading checkpoints lives in weights.py, adapter files in formats/.
 """
 
@@ -130,7 +131,7 @@ class QKVLoRA(nn.ModuleDict):
         self.hidden_size = hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)
+        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)  # no memory
         return torch.cat([self[p](x) if p in self else zero for p in self.PARTS], dim=-1)  # (B, T, 3C)
 
 
@@ -278,7 +279,7 @@ class Model(A.AdapterMethods, nn.Module):
         if adapter is not None:
             self.add_adapter("default", adapter)
 
-    # Forward passes. `adapter`: None for the active adapter, a name, or a list of names, one per example (one pass of the base).
+    # Forward passes. `adapter`: None (the active one), a name, or one name per example (one pass of the base).
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                adapter: str | Sequence[str] | None = None) -> torch.Tensor:
