@@ -54,7 +54,7 @@ from roberta_lite import adapters as A
 from roberta_lite import checkpoint as CK
 from roberta_lite import data as D
 from roberta_lite import weights as W
-from roberta_lite.runtime import resolve_base, select_device, select_dtype
+from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
 from roberta_lite.tasks import TASKS, Task
 # Flags that only steer this invocation; every other flag defines the training run and must match on --resume.
 RUN_CONTROL = {"resume", "output", "save_every", "stop_after_steps", "device", "cache_dir", "test_limit",
@@ -767,6 +767,7 @@ def train(args: argparse.Namespace, argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run training; user errors become one `error: ...` line on stderr: exit 2 for a bad command line or data
     file (DataError names the file, line or column), 1 for the rest (a missing model, a bad checkpoint)."""
+    limit_heap_growth()
     rank = int(os.environ.get("RANK", "0"))
     prefix = "error: " if rank == 0 else f"error (rank {rank}): "
     try:

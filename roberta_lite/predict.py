@@ -39,7 +39,7 @@ import torch
 from roberta_lite.formats.native import read_meta
 from roberta_lite.model import Model
 from roberta_lite.tokenizer import Tokenizer
-from roberta_lite.runtime import resolve_base, select_device, select_dtype
+from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
 from roberta_lite.weights import CheckpointError
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -187,6 +187,7 @@ class _UsageError(ValueError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_heap_growth()
     p = _Parser(prog="python -m roberta_lite.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--adapter", required=True, action="append",

@@ -14,6 +14,25 @@ from roberta_lite.weights import resolve_checkpoint
 WEIGHTS_DIR = Path("weights")  # hub downloads land in weights/<hub id>/, relative to the working directory
 
 
+def limit_heap_growth() -> None:
+    """Make glibc hand large freed buffers back to the system (Linux; a no-op elsewhere).
+
+    glibc raises its mmap threshold each time a large block is freed, after which the activations of every new
+    batch shape are carved from the heap and kept. Evaluating IMDB's 25k test reviews in ~400 length-sorted
+    batch shapes with a bf16 base grew a process to 24 GB and an out-of-memory kill. Pinned at 8 MiB, the
+    attention and FFN buffers go back to the system after each batch (MiniLM, 40 shapes: 2.0 GB -> 0.8 GB) for
+    ~3% of training speed; at 1 MiB the page faults cost 30%."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD is -3 in glibc's malloc.h
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to pin
+        pass
+
+
 def _complete(d: Path) -> bool:
     has_weights = (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
     has_tok = (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())
