@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import build_minilm
-from roberta_lite import Model, Tokenizer
+from roberta_lite import Model, Tokenizer, runtime
 
 POS = ["wonderful", "excellent", "brilliant", "delightful", "superb", "moving", "charming", "great", "beautiful",
        "enjoyable", "fantastic", "touching", "hilarious", "gripping", "masterful", "lovely"]
@@ -73,6 +73,8 @@ def train_and_eval(path, dtype, kind="houlsby", steps=60, seed=0):
 @pytest.mark.parametrize("kind,dtype", [("houlsby", torch.float32), ("houlsby", torch.bfloat16),
                                         ("pfeiffer", torch.bfloat16)], ids=["houlsby-fp32", "houlsby-bf16", "pfeiffer-bf16"])
 def test_adapters_learn_sentiment(minilm, kind, dtype):
+    if dtype == torch.bfloat16 and not runtime.cpu_has_fast_bf16():  # bf16 numerics: test_parity covers them
+        pytest.skip("this CPU has no native bf16: a bf16 training run here takes minutes, not seconds")
     acc = train_and_eval(minilm, dtype, kind=kind)
     print(f"MiniLM + {kind}, {dtype}: held-out accuracy {acc:.3f}")
     assert acc >= 0.9
