@@ -137,25 +137,6 @@ class Route:
     batch: int
 
 
-class Slot(nn.ModuleDict):
-    """An insertion point in the model: adapter name -> module. `slot(route, *inputs)` is the sum of the terms of
-    the adapters `route` asks for, each computed on its own examples; ZERO when none of them sits here."""
-
-    def forward(self, route: Route | None, *inputs):
-        out = ZERO
-        for name, rows in route.groups if route is not None else ():
-            if name not in self:
-                continue
-            if rows is None:  # the whole batch uses this adapter
-                out = out + self[name](*inputs)
-                continue
-            y = self[name](*(t.index_select(0, rows) if torch.is_tensor(t) else t for t in inputs))
-            if out is ZERO:
-                out = y.new_zeros((route.batch, *y.shape[1:]))
-            out = out.index_add(0, rows, y)  # each example receives its own adapter's term
-        return out
-
-
 def make_route(model: "Model", adapter: str | Sequence[str] | None, ids: torch.Tensor) -> Route | None:
     """`adapter`: None (the active adapter, if any), one name, or one name per example of `ids`' batch."""
     batch, device = ids.shape[0], ids.device
@@ -292,8 +273,10 @@ def delete(model: "Model", name: str):
 
 
 def _remove(model: "Model", name: str):
+    from roberta_lite import model as M
+
     for m in model.modules():
-        if isinstance(m, Slot) and name in m:
+        if isinstance(m, M.Slot) and name in m:
             del m[name]
     del model.heads[name], model.adapter_configs[name]
 
@@ -301,8 +284,10 @@ def _remove(model: "Model", name: str):
 def adapter_tensors(model: "Model", name: str) -> Iterator[tuple[str, nn.Parameter]]:
     """(file key, parameter) for one adapter and its head: `layers.3.ffn_adapter.N.down.weight` is saved as
     `layers.3.ffn_adapter.down.weight`, `heads.N.out.weight` as `head.out.weight`."""
+    from roberta_lite import model as M
+
     for path, m in model.named_modules():
-        if isinstance(m, Slot) and name in m:
+        if isinstance(m, M.Slot) and name in m:
             for k, p in m[name].named_parameters():
                 yield f"{path}.{k}", p
     for k, p in model.heads[name].named_parameters():
@@ -386,7 +371,8 @@ def unmerge(model: "Model"):
 # ---------------------------------------------------------------------------------------------- Model's adapter API
 
 class AdapterMethods:
-    """The adapter bookkeeping methods of model.Model (a mixin, so model.py keeps to the architecture)."""
+    """Model's bookkeeping methods: adapters, labels, merging, dropout rates (a mixin, so model.py keeps to the
+    architecture)."""
 
     merged_adapter: str | None = None  # a LoRA folded into the base weights (merge_adapter)
     _unmerge: list = []  # (weight, its value before merging), to unmerge bit for bit
@@ -451,6 +437,19 @@ class AdapterMethods:
     def unmerge_adapter(self) -> "Model":
         """Restore the base weights bit for bit (they were kept when merging)."""
         unmerge(self)
+        return self
+
+    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> "Model":
+        """Change dropout rates at run time (None: leave as is). The checkpoint's rates are the default."""
+        from roberta_lite.model import Embeddings, Layer, SelfAttention
+
+        for m in self.modules():
+            if hidden is not None and isinstance(m, (Embeddings, Layer)):
+                m.dropout = hidden
+            if attention is not None and isinstance(m, SelfAttention):
+                m.dropout = attention
+        self.config.dropout = self.config.dropout if hidden is None else hidden  # for heads added later
+        self.config.attention_dropout = self.config.attention_dropout if attention is None else attention
         return self
 
     def base_fingerprint(self) -> str:

@@ -11,7 +11,8 @@ adapters sit:
     x ───────────┬─► up (C→4C) ─► GELU ─► down (4C→C) ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
                  │   +LoRA                 +LoRA                       │               │
                  └───────────────────────────────────────────────► x + h ────────────► (+) ─► LayerNorm ─► x
-    (a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer; "+LoRA": that projection's output gains a LoRA term)
+    (the second row's x is the first row's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer, with
+    the sublayer's own LayerNorm; "+LoRA": that projection's output gains a LoRA term)
 
   * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/r → C (Houlsby's two per layer
     at r = 16: ~1.4% of roberta-base). Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h));
@@ -23,17 +24,15 @@ Both start as the identity (the adapter's up-projection and LoRA's B are zero), 
 the pretrained model. Only the adapter and a classification head of its own train; the base stays frozen, and
 one copy of it serves every task.
 
-Where adapters go, the model has a `Slot` (adapters.py): a dict from adapter name to module, empty until
-`add_adapter` fills it. `slot(route, *inputs)` passes its inputs to the adapters this batch uses (`route`: the
-active one, or one per example, each on its own examples) and returns the sum of their terms, or `adapters.ZERO`
-(adding it returns the other operand, no copy) when none sits there. A bottleneck slot's inputs are (h, x, norm),
-from which each kind picks what it reads; a LoRA slot's input is its projection's input. So
-`x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
+Where adapters go, the model has a `Slot` (the first class below), empty until `add_adapter` fills it. A
+bottleneck slot's inputs are (h, x, norm), from which each kind picks what it reads; a LoRA slot's input is its
+projection's input. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
 
-Precision, one rule: the frozen base's matmul and embedding weights may be bf16 (the fast path); the residual
-stream, LayerNorms, adapters and heads are float32. kernels.py implements it in `Linear` (computes in its own
-weight's dtype whatever its input's, so a bf16 sublayer output plus a float32 LoRA term needs no cast), `LayerNorm`
-and `Embedding` (both return float32); it holds the other fast paths too (cheap dropout, CPU attention).
+Precision, one rule: the frozen base's matmul and embedding weights may be bf16 (the fast path); everything else
+(residual stream, LayerNorms, adapters, LoRAs, heads) is float32. kernels.py implements it: `K.Linear` casts its
+input to its own weight's dtype, `K.LayerNorm` and `K.Embedding` return float32, so a bf16 projection's output
+meets float32 only in a sum, which is float32. The one cast model.py writes keeps attention in bf16 (SelfAttention).
+kernels.py holds the other fast paths too (cheap dropout, CPU attention), each called by name.
 Loading checkpoints lives in weights.py, adapter files in formats/.
 """
 
@@ -53,7 +52,7 @@ from roberta_lite import adapters as A
 from roberta_lite import formats
 from roberta_lite import kernels as K
 from roberta_lite import weights as W
-from roberta_lite.adapters import AdapterConfig, Slot
+from roberta_lite.adapters import AdapterConfig
 
 
 @dataclass
@@ -83,6 +82,21 @@ class Config:
     def max_tokens(self) -> int:
         """Longest sequence the position table allows: RoBERTa spends pad_id+1 rows before the first token."""
         return self.max_positions - self.pad_id - 1
+
+
+class Slot(nn.ModuleDict):
+    """Where adapters may sit: adapter name -> module. `route` (adapters.make_route, once per forward) says which
+    adapter each example uses; the slot returns the sum of their terms, or A.ZERO (x + ZERO is x, no copy) if none."""
+
+    def forward(self, route: A.Route | None, *inputs):
+        out = A.ZERO
+        for name, rows in route.groups if route is not None else ():  # (adapter, its examples; None: all)
+            if name in self and rows is None:
+                out = out + self[name](*inputs)
+            elif name in self:  # a mixed batch: run this adapter on its examples, add its term to their rows
+                y = self[name](*(t.index_select(0, rows) if torch.is_tensor(t) else t for t in inputs))
+                out = (y.new_zeros((route.batch, *y.shape[1:])) if out is A.ZERO else out).index_add(0, rows, y)
+        return out
 
 
 class Adapter(nn.Module):
@@ -147,15 +161,14 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.attention_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: A.Route | None,
-                first_only: bool = False) -> torch.Tensor:
+                rows: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
         # One slot for the fused projection, holding QKVLoRAs. The cast keeps q, k, v in the base's precision
         # (the bf16 path), since the LoRA term is float32.
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
-        if first_only:
-            q = q[:, :, :1]  # only <s> asks (Model.forward); all T keys and values (and their mask) still answer
+        q = q[:, :, :rows]  # only the first `rows` tokens ask (all when None); all T keys and values answer
         # softmax(q k^T / sqrt(C/H)) v, padding keys masked out (mask: (B, 1, 1, T)); the fused kernel or, for
         # training on CPU, the ops written out (faster backward there).
         y = K.attention(q, k, v, mask, self.dropout, self.training)  # (B, H, Tq, C/H)
@@ -190,11 +203,10 @@ class Layer(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: A.Route | None,
-                first_only: bool = False) -> torch.Tensor:
-        """first_only: compute the output for the first token (<s>) alone, for the classifier's last layer."""
-        h = K.dropout(self.attn(x, mask, route, first_only), self.dropout, self.training)  # (B, T, C)
-        if first_only:
-            x = x[:, :1]  # (B, 1, C)
+                rows: int | None = None) -> torch.Tensor:
+        """rows: compute only the first `rows` tokens' outputs (each still attends to all); None: every token."""
+        h = K.dropout(self.attn(x, mask, route, rows), self.dropout, self.training)  # (B, T, C); T = rows if set
+        x = x[:, :rows]  # the residual stream keeps the same rows (all of them when rows is None)
         x = self.attn_norm(x + h + self.attn_adapter(route, h, x, self.attn_norm))  # post-LN: norm after the add
         h = K.dropout(self.ffn(x, route), self.dropout, self.training)
         return self.ffn_norm(x + h + self.ffn_adapter(route, h, x, self.ffn_norm))  # (B, T, C)
@@ -261,7 +273,7 @@ class MaskedLMHead(nn.Module):
 
 class Model(A.AdapterMethods, nn.Module):
     """Encoder + its own classifier (+ MLM head if the checkpoint has one) + named adapters, each with a head. The
-    rest of the adapter API (delete_adapter, labels, merge_adapter, ...) is in adapters.AdapterMethods."""
+    rest of the API (delete_adapter, labels, merge_adapter, set_dropout, ...) is in adapters.AdapterMethods."""
 
     def __init__(self, config: Config, num_labels: int = 2, adapter: AdapterConfig | str | None = None,
                  mlm_head: bool = False):
@@ -269,9 +281,9 @@ class Model(A.AdapterMethods, nn.Module):
         self.config = config
         self.embed = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
-        self.head = ClassificationHead(config, num_labels)  # the checkpoint's own classifier, used without adapters
+        self.head = ClassificationHead(config, num_labels)  # the checkpoint's classifier (random if it has none)
         self.mlm = MaskedLMHead(config) if mlm_head else None
-        self.heads = nn.ModuleDict()  # adapter name -> its classification head
+        self.heads = nn.ModuleDict()  # adapter name -> its own classifier, used instead of `head`
         self.adapter_configs: dict[str, AdapterConfig] = {}  # adapter name -> config, in the order added
         self.active_adapter: str | None = None
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
@@ -291,24 +303,23 @@ class Model(A.AdapterMethods, nn.Module):
         """Logits (B, num_labels), float32, from each example's adapter's head; with no adapter active, from the
         model's own `head` (adapters.classify)."""
         route = A.make_route(self, adapter, input_ids)
-        # The head reads <s> alone, so the last layer computes only <s>'s row: its attention still reads every
-        # token, but the other T-1 rows of the last attention output, FFN and adapters would be thrown away.
-        return A.classify(self, route, self._encode(input_ids, attention_mask, route, first_only=True))
+        # The head reads <s> alone, so the last layer computes <s>'s row only (it still attends to every token).
+        return A.classify(self, route, self._encode(input_ids, attention_mask, route, rows=1))
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked-LM logits (B, T, vocab) over every position."""
         if self.mlm is None:
-            raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head: the checkpoint had no "
-                               f"lm_head.* tensors (load a RobertaForMaskedLM checkpoint such as roberta-base)")
+            raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* tensors in "
+                               f"its checkpoint; load a RobertaForMaskedLM one such as roberta-base)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: A.Route | None,
-                first_only: bool = False) -> torch.Tensor:
+                rows: int | None = None) -> torch.Tensor:
         mask = K.attention_mask(self.config, ids, attention_mask)  # checks ids; (B,1,1,T), True = real; None: no pad
         x = self.embed(ids)  # (B, T, C)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, route, first_only=first_only and i == len(self.layers) - 1)
-        return x  # (B, T, C), or (B, 1, C) with first_only
+        for layer in self.layers[:-1]:
+            x = layer(x, mask, route)
+        return self.layers[-1](x, mask, route, rows)  # (B, T, C), or (B, rows, C)
 
     def add_adapter(self, name: str | AdapterConfig | dict, config: AdapterConfig | str | dict | None = None, *,
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
@@ -321,17 +332,6 @@ class Model(A.AdapterMethods, nn.Module):
     def freeze_base(self) -> str:
         """Train only the active adapter and its head; LayerNorms and all else stay frozen. Returns a summary."""
         return A.freeze_base(self)
-
-    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> "Model":
-        """Change dropout rates at run time (None: leave as is). The checkpoint's rates are the default."""
-        for m in self.modules():
-            if hidden is not None and isinstance(m, (Embeddings, Layer)):
-                m.dropout = hidden
-            if attention is not None and isinstance(m, SelfAttention):
-                m.dropout = attention
-        self.config.dropout = self.config.dropout if hidden is None else hidden  # for heads added later
-        self.config.attention_dropout = self.config.attention_dropout if attention is None else attention
-        return self
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int | None = None,
