@@ -217,8 +217,6 @@ def expected_shapes(model: "Model", cfg: AdapterConfig, num_labels: int) -> dict
 
 
 def add(model: "Model", name, cfg, num_labels: int | None, labels: Sequence[str] | None, task: str, replace: bool):
-    from roberta_lite.model import ClassificationHead
-
     if cfg is None and (not isinstance(name, str) or name in KINDS):  # add_adapter("houlsby"), of earlier versions
         name, cfg, replace = "default", name, True
     cfg = AdapterConfig.of(cfg or "houlsby")
@@ -234,8 +232,7 @@ def add(model: "Model", name, cfg, num_labels: int | None, labels: Sequence[str]
         head = copy.deepcopy(model.head)
         head.task = task
     else:
-        head = ClassificationHead(model.config, num_labels, labels, task)
-        head.apply(partial(W.init_fresh, std=model.config.initializer_range))
+        head = new_head(model, num_labels, labels, task)
     if name in model.adapter_configs:
         if model.merged_adapter == name:
             raise RuntimeError(f"adapter {name!r} is merged into the base weights: unmerge_adapter() first")
@@ -248,12 +245,22 @@ def add(model: "Model", name, cfg, num_labels: int | None, labels: Sequence[str]
     model.active_adapter = name
 
 
-def set_head(model: "Model", num_labels: int, labels: Sequence[str] | None):
+def new_head(model: "Model", num_labels: int, labels: Sequence[str] | None, task: str) -> "ClassificationHead":
+    """A freshly initialised classification head with these output names (default LABEL_i) and task kind."""
     from roberta_lite.model import ClassificationHead
 
-    old = model.active_head
-    head = ClassificationHead(model.config, num_labels, labels, old.task)
+    if labels is not None and len(labels) != num_labels:
+        raise ValueError(f"labels: {len(labels)} names for {num_labels} outputs")
+    head = ClassificationHead(model.config, num_labels)
     head.apply(partial(W.init_fresh, std=model.config.initializer_range))
+    head.labels = list(labels) if labels is not None else head.labels
+    head.task = task
+    return head
+
+
+def set_head(model: "Model", num_labels: int, labels: Sequence[str] | None):
+    old = model.active_head
+    head = new_head(model, num_labels, labels, old.task)
     head.to(old.out.weight.device).train(model.training)
     if model.active_adapter is None:
         model.head = head

@@ -14,26 +14,26 @@ adapters sit:
     (the second row's x is the first row's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer, with
     the sublayer's own LayerNorm; "+LoRA": that projection's output gains a LoRA term)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/r → C (Houlsby's two per layer
-    at r = 16: ~1.4% of roberta-base). Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h));
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (f: the reduction factor).
+    Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h)) (~1.4% of roberta-base at f = 16);
     Pfeiffer one after the FFN only, reading the normalised sum:  x ← LN(x + h + A(LN(x + h)))
     (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
     B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, the attention output, FFN up and down.
 Both start as the identity (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
-the pretrained model. Only the adapter and a classification head of its own train; the base stays frozen, and
-one copy of it serves every task.
+the pretrained model. Each adapter has a classification head of its own; `freeze_base()` (train.py calls it)
+leaves only the active adapter and its head trainable. The rest, LayerNorms included, stays frozen, so one copy
+of the base serves every task.
 
 Where adapters go, the model has a `Slot` (the first class below), empty until `add_adapter` fills it. A
 bottleneck slot's inputs are (h, x, norm), from which each kind picks what it reads; a LoRA slot's input is its
 projection's input. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
+"HF:" comments name the Hugging Face tensors (per layer, under encoder.layer.{i}.) weights.HF_TO_OURS loads there.
 
-Precision, one rule: the frozen base's matmul and embedding weights may be bf16 (the fast path); everything else
-(residual stream, LayerNorms, adapters, LoRAs, heads) is float32. kernels.py implements it: `K.Linear` casts its
-input to its own weight's dtype, `K.LayerNorm` and `K.Embedding` return float32, so a bf16 projection's output
-meets float32 only in a sum, which is float32. The one cast model.py writes keeps attention in bf16 (SelfAttention).
-kernels.py holds the other fast paths too (cheap dropout, CPU attention), each called by name.
-Loading checkpoints lives in weights.py, adapter files in formats/.
+Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream,
+LayerNorms, adapter and LoRA weights, heads) is float32. kernels.py implements it: `K.Linear` and `K.linear(x, w)`
+cast their input to w's dtype, `K.LayerNorm` and `K.Embedding` return float32, and bf16 + float32 is float32; the one
+cast written here keeps q, k, v in the base's dtype. Also in kernels.py: cheap dropout, CPU attention.
 """
 
 from __future__ import annotations
@@ -48,23 +48,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roberta_lite import adapters as A
-from roberta_lite import formats
+from roberta_lite import adapters, formats
 from roberta_lite import kernels as K
 from roberta_lite import weights as W
-from roberta_lite.adapters import AdapterConfig
+from roberta_lite.adapters import ZERO, AdapterConfig, Route
 
 
 @dataclass
 class Config:
-    """Architecture. Defaults are roberta-base; `from_hf` reads any checkpoint's config.json."""
+    """Architecture. Defaults are roberta-base; `from_hf` reads any checkpoint's config.json (roberta-large:
+    hidden 1024, 24 layers, 16 heads, ffn 4096; nothing else changes)."""
 
     vocab_size: int = 50265
     hidden_size: int = 768  # C
     num_layers: int = 12
     num_heads: int = 12  # must divide C: heads of 64 in roberta-base
     ffn_size: int = 3072  # 4C
-    max_positions: int = 514  # 512 tokens + the pad_id+1 positions RoBERTa skips (see Embeddings)
+    max_positions: int = 514  # 512 tokens + rows 0..pad_id, which real tokens never use (see Embeddings)
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
     layer_norm_eps: float = 1e-5  # RoBERTa's; BERT uses 1e-12
     pad_id: int = 1  # <pad> in roberta-base's vocabulary; it also sets where positions start
@@ -79,23 +79,24 @@ class Config:
         return cls(**W.config_fields(d, source, cls))
 
     @property
-    def max_tokens(self) -> int:
-        """Longest sequence the position table allows: RoBERTa spends pad_id+1 rows before the first token."""
+    def max_tokens(self) -> int:  # the longest text: real tokens take positions pad_id + 1 .. max_positions - 1
         return self.max_positions - self.pad_id - 1
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: adapter name -> module. `route` (adapters.make_route, once per forward) says which
-    adapter each example uses; the slot returns the sum of their terms, or A.ZERO (x + ZERO is x, no copy) if none."""
+    """Where adapters may sit: adapter name -> module. `route.groups` (made once per forward by make_route) lists
+    (adapter name, the indices of the examples using it, or None for all); adapters not in this slot are skipped
+    (Pfeiffer has no attn_adapter). Returns the sum of their terms, or ZERO (x + ZERO is x itself) if none ran."""
 
-    def forward(self, route: A.Route | None, *inputs):
-        out = A.ZERO
-        for name, rows in route.groups if route is not None else ():  # (adapter, its examples; None: all)
-            if name in self and rows is None:
+    def forward(self, route: Route | None, *inputs):
+        out = ZERO
+        for name, examples in (route.groups if route is not None else []):  # route None: no adapter in use
+            if name in self and examples is None:  # the whole batch uses this adapter
                 out = out + self[name](*inputs)
-            elif name in self:  # a mixed batch: run this adapter on its examples, add its term to their rows
-                y = self[name](*(t.index_select(0, rows) if torch.is_tensor(t) else t for t in inputs))
-                out = (y.new_zeros((route.batch, *y.shape[1:])) if out is A.ZERO else out).index_add(0, rows, y)
+            elif name in self:  # a mixed batch: run the adapter on its examples, add its term to their rows only
+                y = self[name](*(t.index_select(0, examples) if torch.is_tensor(t) else t for t in inputs))
+                out = y.new_zeros((route.batch, *y.shape[1:])) if out is ZERO else out  # (B, ...)
+                out = out.index_add(0, examples, y)
         return out
 
 
@@ -106,16 +107,15 @@ class Adapter(nn.Module):
         super().__init__()
         self.down = K.Linear(hidden_size, hidden_size // cfg.reduction_factor)
         self.up = K.Linear(hidden_size // cfg.reduction_factor, hidden_size)
-        self.act = A.ACTIVATIONS[cfg.activation]
+        self.act = adapters.ACTIVATIONS[cfg.activation]
         self.reads_sum = cfg.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)  # zero up-projection: a fresh adapter adds exactly nothing (Houlsby §2.1)
-        nn.init.zeros_(self.up.bias)
+        for t in (self.down.bias, self.up.weight, self.up.bias):  # zero up: a fresh adapter adds nothing (Houlsby §2.1)
+            nn.init.zeros_(t)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        a = norm(x + h) if self.reads_sum else h  # Pfeiffer reads the normalised sum, Houlsby the sublayer's h
-        return self.up(self.act(self.down(a)))  # (B, T, C) -> (B, T, C/r) -> (B, T, C)
+        a = norm(x + h) if self.reads_sum else h  # Pfeiffer: the sum, normalised by the layer's norm; Houlsby: h
+        return self.up(self.act(self.down(a)))  # (B, T, C) -> (B, T, C/f) -> (B, T, C)
 
 
 class LoRA(nn.Module):
@@ -155,17 +155,17 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = K.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # query, key, value fused: one matmul
-        self.proj = K.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.qkv_lora, self.proj_lora = Slot(), Slot()  # LoRA on query/key/value and on the output projection
+        self.qkv = K.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # HF: attention.self.{query,key,value}, fused
+        self.proj = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: attention.output.dense
+        self.qkv_lora, self.proj_lora = Slot(), Slot()  # LoRA targets "query"/"key"/"value", and "attn_out"
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: A.Route | None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
-        # One slot for the fused projection, holding QKVLoRAs. The cast keeps q, k, v in the base's precision
-        # (the bf16 path), since the LoRA term is float32.
+        # One slot for the fused projection, holding QKVLoRAs. The cast rounds the sum back to the base's dtype
+        # (the float32 LoRA term made it float32), so that attention runs in bf16 on the bf16 path.
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         q = q[:, :, :rows]  # only the first `rows` tokens ask (all when None); all T keys and values answer
@@ -179,11 +179,11 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.up = K.Linear(cfg.hidden_size, cfg.ffn_size)
-        self.down = K.Linear(cfg.ffn_size, cfg.hidden_size)
-        self.up_lora, self.down_lora = Slot(), Slot()
+        self.up = K.Linear(cfg.hidden_size, cfg.ffn_size)  # HF: intermediate.dense
+        self.down = K.Linear(cfg.ffn_size, cfg.hidden_size)  # HF: output.dense
+        self.up_lora, self.down_lora = Slot(), Slot()  # LoRA targets "ffn_up" and "ffn_down"
 
-    def forward(self, x: torch.Tensor, route: A.Route | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
         # Exact, erf-based GELU (BERT's "gelu"), not GPT-2's tanh approximation: the weights were trained with it.
         h = F.gelu(self.up(x) + self.up_lora(route, x))  # (B, T, 4C)
         return self.down(h) + self.down_lora(route, h)  # (B, T, C)
@@ -195,14 +195,14 @@ class Layer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.attn = SelfAttention(cfg)
-        self.attn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF: attention.output.LayerNorm
         self.attn_adapter = Slot()  # Houlsby's first adapter
         self.ffn = FeedForward(cfg)
-        self.ffn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF: output.LayerNorm
         self.ffn_adapter = Slot()  # Houlsby's second adapter, Pfeiffer's only one
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: A.Route | None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
         """rows: compute only the first `rows` tokens' outputs (each still attends to all); None: every token."""
         h = K.dropout(self.attn(x, mask, route, rows), self.dropout, self.training)  # (B, T, C); T = rows if set
@@ -216,16 +216,16 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.pad_id = cfg.pad_id
-        self.tok = K.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos = K.Embedding(cfg.max_positions, cfg.hidden_size)
-        self.token_type = K.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.tok = K.Embedding(cfg.vocab_size, cfg.hidden_size)  # HF (all under embeddings.): word_embeddings
+        self.pos = K.Embedding(cfg.max_positions, cfg.hidden_size)  # position_embeddings
+        self.token_type = K.Embedding(cfg.type_vocab_size, cfg.hidden_size)  # token_type_embeddings
+        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # LayerNorm
         self.dropout = cfg.dropout
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # RoBERTa quirk (inherited from fairseq): positions start at pad_id + 1, not 0, and padding tokens get
-        # position pad_id. Counting only real tokens makes left-padded and right-padded text get the same
-        # positions. With pad_id 1, a 512-token text uses rows 2..513 of the 514-row table.
+        # RoBERTa quirk (fairseq's): padding has position pad_id and real tokens count on from pad_id + 1 (rows
+        # below pad_id go unused), as the table was trained. Counting real tokens only, left- and right-padded
+        # text get the same positions. With pad_id 1, a 512-token text uses rows 2..513 of the 514-row table.
         real = (ids != self.pad_id).int()  # (B, T)
         pos = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
         # Every token is segment 0: RoBERTa dropped BERT's sentence-pair embedding, but the table is kept.
@@ -236,16 +236,13 @@ class Embeddings(nn.Module):
 class ClassificationHead(nn.Module):
     """RoBERTa's sentence classifier reads the <s> token's final state (there is no BERT-style pooler)."""
 
-    def __init__(self, cfg: Config, num_labels: int, labels: Sequence[str] | None = None,
-                 task: str = "classification"):
+    def __init__(self, cfg: Config, num_labels: int):
         super().__init__()
-        if labels is not None and len(labels) != num_labels:
-            raise ValueError(f"labels: {len(labels)} names for {num_labels} outputs")
-        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out = K.Linear(cfg.hidden_size, num_labels)
+        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: classifier.dense
+        self.out = K.Linear(cfg.hidden_size, num_labels)  # HF: classifier.out_proj
         self.dropout = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        self.labels = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
-        self.task = task  # "classification" (softmax), "multilabel" (sigmoid per label) or "regression"
+        self.labels = [f"LABEL_{i}" for i in range(num_labels)]  # output names, set by add_adapter or a file
+        self.task = "classification"  # (softmax), or "multilabel" (sigmoid per label), or "regression"
 
     @property
     def num_labels(self) -> int:
@@ -262,16 +259,16 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: lm_head.dense
+        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF: lm_head.layer_norm
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # HF: lm_head.bias (lm_head.decoder is the tie)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
         return K.linear(x, embedding, self.bias)  # (B, T, vocab)
 
 
-class Model(A.AdapterMethods, nn.Module):
+class Model(adapters.AdapterMethods, nn.Module):
     """Encoder + its own classifier (+ MLM head if the checkpoint has one) + named adapters, each with a head. The
     rest of the API (delete_adapter, labels, merge_adapter, set_dropout, ...) is in adapters.AdapterMethods."""
 
@@ -281,13 +278,14 @@ class Model(A.AdapterMethods, nn.Module):
         self.config = config
         self.embed = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
-        self.head = ClassificationHead(config, num_labels)  # the checkpoint's classifier (random if it has none)
+        self.head = ClassificationHead(config, num_labels)  # the checkpoint's own (random if it has none)
         self.mlm = MaskedLMHead(config) if mlm_head else None
-        self.heads = nn.ModuleDict()  # adapter name -> its own classifier, used instead of `head`
+        self.heads = nn.ModuleDict()  # adapter name -> its own classifier, used instead of `head` with it
         self.adapter_configs: dict[str, AdapterConfig] = {}  # adapter name -> config, in the order added
         self.active_adapter: str | None = None
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
-        self.apply(partial(W.init_fresh, std=config.initializer_range))  # BERT's init, for what no file gives
+        # BERT's init, for what no checkpoint gives: normal(0, std) weights, zero biases, LayerNorms 1 and 0.
+        self.apply(partial(W.init_fresh, std=config.initializer_range))
         if adapter is not None:
             self.add_adapter("default", adapter)
 
@@ -296,15 +294,15 @@ class Model(A.AdapterMethods, nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                adapter: str | Sequence[str] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), float32, equal to transformers' RobertaModel(...).last_hidden_state."""
-        return self._encode(input_ids, attention_mask, A.make_route(self, adapter, input_ids))
+        return self._encode(input_ids, attention_mask, adapters.make_route(self, adapter, input_ids))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter: str | Sequence[str] | None = None) -> torch.Tensor:
         """Logits (B, num_labels), float32, from each example's adapter's head; with no adapter active, from the
         model's own `head` (adapters.classify)."""
-        route = A.make_route(self, adapter, input_ids)
+        route = adapters.make_route(self, adapter, input_ids)
         # The head reads <s> alone, so the last layer computes <s>'s row only (it still attends to every token).
-        return A.classify(self, route, self._encode(input_ids, attention_mask, route, rows=1))
+        return adapters.classify(self, route, self._encode(input_ids, attention_mask, route, rows=1))
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked-LM logits (B, T, vocab) over every position."""
@@ -313,9 +311,11 @@ class Model(A.AdapterMethods, nn.Module):
                                f"its checkpoint; load a RobertaForMaskedLM one such as roberta-base)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
 
-    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: A.Route | None,
+    def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
-        mask = K.attention_mask(self.config, ids, attention_mask)  # checks ids; (B,1,1,T), True = real; None: no pad
+        # (B, 1, 1, T), True = attend; None if attention_mask is None or all ones: then every token, padding
+        # included, is attended (as in transformers). Also checks ids against the vocabulary and max length.
+        mask = K.attention_mask(self.config, ids, attention_mask)
         x = self.embed(ids)  # (B, T, C)
         for layer in self.layers[:-1]:
             x = layer(x, mask, route)
@@ -326,12 +326,12 @@ class Model(A.AdapterMethods, nn.Module):
                     task: str = "classification", replace: bool = False) -> "Model":
         """Add a fresh adapter `name` (the identity until trained) with its own classification head, and make it
         active. The head starts as a copy of the model's own classifier unless num_labels is given."""
-        A.add(self, name, config, num_labels, labels, task, replace)
+        adapters.add(self, name, config, num_labels, labels, task, replace)
         return self
 
     def freeze_base(self) -> str:
         """Train only the active adapter and its head; LayerNorms and all else stay frozen. Returns a summary."""
-        return A.freeze_base(self)
+        return adapters.freeze_base(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int | None = None,
