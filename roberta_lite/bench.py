@@ -1,6 +1,7 @@
 """Side-by-side speed benchmark: roberta_lite against transformers' RobertaForSequenceClassification.
 
     python -m roberta_lite.bench                          # CPU, roberta-base shape, 8 x 256, train and infer
+    python -m roberta_lite.bench --precision bf16         # bf16 even where the CPU has no native bf16 (slow there)
     python -m roberta_lite.bench --lengths imdb --steps 8 # an IMDB-like length mix, batches padded to their longest
     python -m roberta_lite.bench --device cuda --fp32 --json bench.json
     python -m roberta_lite.bench --adapters 8             # one adapter vs 8 mixed in one batch vs 8 passes
@@ -16,11 +17,19 @@ What is compared, so that only the implementations differ:
     supports it, else foreach) on the trainable parameters, the same batches in the same order;
   * steps alternate between the sides (the order rotates every step) and the medians are reported.
 
-Recipes. roberta_lite: `Model.from_pretrained(..., dtype=torch.bfloat16)`, fp32 adapters/head, no autocast.
+Precision, in every mode: `--precision auto` (the default) is bf16 only where the hardware has it natively, else
+fp32 (runtime.select_dtype, the choice train.py makes: a CPU without AVX512-BF16/AMX runs bf16 matmuls several
+times slower than fp32); `--precision bf16` / `fp32` force one. Both sides run in that precision.
+
+Recipes, bf16. roberta_lite: `Model.from_pretrained(..., dtype=torch.bfloat16)`, fp32 adapters/head, no autocast.
 transformers at its best simple recipe on the device: CPU: bf16 autocast with the fastest of its "sdpa" and
 "eager" attention (timed here, per mode, and reported); GPU: bf16 autocast + SDPA + length-sorted batches, and
-torch.compile as a second row. --fp32 adds an fp32 row for both sides. --attention-dropout P sets the
-attention-probability dropout of both sides (roberta_lite's set_dropout(attention=P) recipe, timed fairly).
+torch.compile as a second row. --fp32 adds fp32 rows for both sides beside the bf16 ones.
+Recipes, fp32: the same with `dtype=torch.float32` and no autocast (transformers' attention timed in fp32); --fp32
+adds nothing then. Each row's `x_vs_transformers` is its tokens/s over transformers' uncompiled row in the same
+precision (`x_vs_transformers_bf16`: over transformers' bf16 row, None in an fp32 run); `ratio` and the summary
+are roberta_lite over transformers per precision. --attention-dropout P sets the attention-probability dropout of
+both sides (roberta_lite's set_dropout(attention=P) recipe, timed fairly).
 
 Two more modes, roberta_lite's adapters against themselves and against peft:
   * `--adapters N`: one model with N Houlsby adapters (and N heads), all of them training, timed three ways on
@@ -32,9 +41,8 @@ Two more modes, roberta_lite's adapters against themselves and against peft:
     same LoRA weights and classifier (written by save_adapter(format="peft"), read by PeftModel.from_pretrained);
     inference with the LoRA merged into the base (merge_adapter) against the plain base, the unmerged LoRA and peft.
     Parity is also checked in fp32, next to the LoRA's own effect on the logits.
-  Both take `--precision` (auto: bf16 only where the hardware has it natively, the choice train.py makes; a CPU
-  without AVX512-BF16/AMX runs bf16 matmuls several times slower than fp32). Every mode measures the device's
-  matmul peak (the FFN's (2048 x 768) x (768 x 3072), bf16 and fp32) in the same run and reports each row's share.
+  Both time one precision (`--precision`, above). Every mode measures the device's matmul peak (the FFN's
+  (2048 x 768) x (768 x 3072), bf16 and fp32) in the same run and reports each row's share.
 
 On a shared CPU (other processes busy), OpenMP's spin-waiting worker threads can make every step several times
 slower; run with OMP_WAIT_POLICY=PASSIVE in the environment (it must be set before torch starts) or --threads 1.
@@ -512,7 +520,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode and side")
     p.add_argument("--warmup", type=int, default=2,
                    help="warm-up steps per mode and side (at least one per distinct batch shape timed)")
-    p.add_argument("--fp32", action="store_true", help="add fp32 rows for both sides")
+    p.add_argument("--fp32", action="store_true",
+                   help="roberta_lite vs transformers mode: with bf16 chosen (--precision), add fp32 rows for both "
+                        "sides; with fp32 chosen they are the main rows already (accepted, adds nothing)")
     p.add_argument("--compile", choices=("none", "transformers", "both"), default=None,
                    help="add torch.compile rows (default: transformers on cuda, none on cpu)")
     p.add_argument("--hf-attn", choices=("auto", "sdpa", "eager"), default="auto",
@@ -527,8 +537,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="lora: a LoRA r 8 on query/value against transformers + peft (training), and merged into "
                         "the base against the plain base (inference)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="--adapters / --adapter lora only: the base's dtype (auto: bf16 where the CPU or GPU has it "
-                        "natively, as train.py chooses; fp32 turns transformers' autocast off too)")
+                   help="every mode: the base's dtype (auto: bf16 where the CPU or GPU has it natively, as train.py "
+                        "chooses, else fp32); transformers runs in the same precision (bf16: autocast; fp32: none) "
+                        "and the ratios compare the two")
     p.add_argument("--no-transformers", action="store_true", help="roberta_lite alone")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
@@ -546,8 +557,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (a.adapters is not None or a.adapter == "lora") and (a.fp32 or a.compile or a.lengths != "fixed"):
         p.error("--adapters / --adapter lora time fixed-length batches in one precision (--precision): drop --fp32, "
                 "--compile and --lengths")
-    if a.adapters is None and a.adapter != "lora" and a.precision != "auto":
-        p.error("--precision is for --adapters / --adapter lora; this mode times bf16, and fp32 rows with --fp32")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     return a
@@ -575,6 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.adapter == "lora":
         return main_lora(a)
     log, device, notes, load_start = setup(a)
+    dtype, precision = base_dtype(a, device)
     sort = a.sort if a.sort is not None else device.type == "cuda"
     compile_rows = a.compile or ("transformers" if device.type == "cuda" else "none")
     modes = ["train", "infer"] if a.mode == "both" else [a.mode]
@@ -587,25 +597,24 @@ def main(argv: list[str] | None = None) -> dict:
             notes.append("transformers is not installed: roberta_lite alone")
     elif a.no_transformers:
         notes.append("--no-transformers: roberta_lite alone")
+    if a.fp32 and precision == "fp32":
+        notes.append(f"--fp32 with --precision {a.precision} (fp32 here): the fp32 rows are the main rows already")
     for n in notes:
         log(f"note: {n}")
 
     with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
         ckpt, cfg, batches = checkpoint_and_batches(a, Path(tmp), have_hf, sort, device, log)
 
-        lite = load_lite(ckpt, torch.bfloat16, device, a.seed, a.attention_dropout)
-        opt, opt_kind = make_optimizer(trainable(lite), device)
-        lite_recipe = ("Model.from_pretrained(dtype=torch.bfloat16): bf16 base, fp32 adapters/head, no autocast; "
-                       f"AdamW {opt_kind}")
-        contenders = [Contender("roberta_lite bf16", "roberta_lite", lite_recipe, lite, _lite_call(lite), opt=opt)]
+        lite = load_lite(ckpt, dtype, device, a.seed, a.attention_dropout)
+        main_lite = lite_row(lite, precision, device)
         hf_recipes, attn_choice, attn_timings = {}, {}, {}
         if have_hf:
             probe_batch = max(batches, key=lambda b: b.shape[1])
             if a.hf_attn == "auto":
-                log("probing transformers' attention implementations ...")
+                log(f"probing transformers' attention implementations ({precision}) ...")
                 attn_choice, attn_timings = pick_attention(
                     lambda impl: load_hf(ckpt, lite, device, impl, a.attention_dropout), device, modes, probe_batch,
-                    log)
+                    log, autocast=AUTOCAST[precision])
             else:
                 attn_choice = {m: a.hf_attn for m in modes}
         # one transformers model per attention implementation chosen; its rows differ in autocast/compile only
@@ -613,35 +622,23 @@ def main(argv: list[str] | None = None) -> dict:
         parity = {}
         rows_by_mode: dict[str, list[Contender]] = {}
         for mode in modes:
-            rows = [contenders[0]]
+            rows = [main_lite]
             if have_hf:
                 impl = attn_choice[mode]
                 if impl not in hf_models:
                     hf_models[impl] = load_hf(ckpt, lite, device, impl, a.attention_dropout)
-                hf = hf_models[impl]
-                hopt, _ = make_optimizer(trainable(hf), device)
-                extra = ", length-sorted batches" if sort else ""
-                hf_recipes[mode] = (f"RobertaForSequenceClassification fp32 weights + torch.autocast({device.type!r}, "
-                             f"dtype=torch.bfloat16), attn_implementation={impl!r}{extra}; AdamW {opt_kind}")
-                rows.append(Contender(f"transformers bf16-autocast {impl}", "transformers", hf_recipes[mode], hf,
-                                      _hf_call(hf), autocast=torch.bfloat16, opt=hopt))
+                rows.append(hf_row(hf_models[impl], impl, precision, device, sort))
+                hf_recipes[mode] = rows[-1].recipe
             rows_by_mode[mode] = rows
-        if a.fp32:
+        if a.fp32 and precision == "bf16":  # fp32 rows beside the bf16 ones (with fp32 chosen they are the main rows)
             lite32 = load_lite(ckpt, torch.float32, device, a.seed, a.attention_dropout)
             copy_adapters(lite, lite32)
-            o32, _ = make_optimizer(trainable(lite32), device)
-            row = Contender("roberta_lite fp32", "roberta_lite", f"Model.from_pretrained(dtype=torch.float32); "
-                            f"AdamW {opt_kind}", lite32, _lite_call(lite32), precision="fp32", opt=o32)
+            row = lite_row(lite32, "fp32", device)
             for mode in modes:
                 rows_by_mode[mode].append(row)
                 if have_hf:
                     impl = attn_choice[mode]
-                    hf = hf_models[impl]
-                    o, _ = make_optimizer(trainable(hf), device)
-                    rows_by_mode[mode].append(Contender(
-                        f"transformers fp32 {impl}", "transformers",
-                        f"RobertaForSequenceClassification fp32, no autocast, attn_implementation={impl!r}; "
-                        f"AdamW {opt_kind}", hf, _hf_call(hf), precision="fp32", opt=o))
+                    rows_by_mode[mode].append(hf_row(hf_models[impl], impl, "fp32", device, sort))
         if compile_rows != "none":
             compiled_lite = None
             for mode in modes:
@@ -649,36 +646,31 @@ def main(argv: list[str] | None = None) -> dict:
                     if compiled_lite is None:
                         compiled_lite = torch.compile(lite)
                     o, _ = make_optimizer(trainable(lite), device)
-                    rows_by_mode[mode].append(Contender("roberta_lite bf16 +compile", "roberta_lite",
-                                                        lite_recipe + " + torch.compile", lite,
-                                                        _lite_call(compiled_lite), compiled=True, opt=o))
+                    rows_by_mode[mode].append(Contender(f"{main_lite.label} +compile", "roberta_lite",
+                                                        main_lite.recipe + " + torch.compile", lite,
+                                                        _lite_call(compiled_lite), precision=precision,
+                                                        compiled=True, opt=o))
                 if have_hf:
-                    impl = attn_choice[mode]
-                    hf = hf_models[impl]
-                    o, _ = make_optimizer(trainable(hf), device)
-                    chf = torch.compile(hf)
+                    plain = rows_by_mode[mode][1]
+                    o, _ = make_optimizer(trainable(plain.model), device)
+                    chf = torch.compile(plain.model)
                     rows_by_mode[mode].append(Contender(
-                        f"transformers bf16-autocast {impl} +compile", "transformers",
-                        f"{rows_by_mode[mode][1].recipe} + torch.compile", hf, _hf_call(chf),
-                        autocast=torch.bfloat16, compiled=True, opt=o))
+                        f"{plain.label} +compile", "transformers", f"{plain.recipe} + torch.compile", plain.model,
+                        _hf_call(chf), autocast=plain.autocast, precision=precision, compiled=True, opt=o))
 
-        # parity: the two sides compute the same function (eval mode, first batch)
+        # parity: the two sides compute the same function (eval mode, first batch), each precision against its twin
         if have_hf:
-            ref = eval_logits([r for r in rows_by_mode[modes[0]] if not r.compiled], batches[0], device)
-            for label, out in ref.items():
-                if label.startswith("transformers"):
-                    twin = "roberta_lite fp32" if "fp32" in label else "roberta_lite bf16"
-                    if twin in ref:
-                        parity[f"{twin} vs {label}"] = float((ref[twin] - out).abs().max())
-            parity["max |logit| (scale)"] = float(ref["roberta_lite bf16"].abs().max())
+            uncompiled = [r for r in rows_by_mode[modes[0]] if not r.compiled]
+            ref = eval_logits(uncompiled, batches[0], device)
+            for r in uncompiled:
+                twin = f"roberta_lite {r.precision}"
+                if r.side == "transformers" and twin in ref:
+                    parity[f"{twin} vs {r.label}"] = float((ref[twin] - ref[r.label]).abs().max())
+            parity["max |logit| (scale)"] = float(ref[main_lite.label].abs().max())
             log_parity(parity, log)
 
         results, probe = time_rows(rows_by_mode, batches, cfg, device, a.warmup, log)
-        for out in results.values():
-            ref = next((o for o in out if o["side"] == "transformers" and o["precision"] == "bf16"
-                        and not o["compiled"]), None)
-            for o in out:
-                o["x_vs_transformers_bf16"] = o["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        summary = transformers_ratios(results)
 
     data = {
         **run_info(a, device, batches, sort, load_start, probe, notes),
@@ -691,9 +683,54 @@ def main(argv: list[str] | None = None) -> dict:
         "attention_probe_ms": {m: {k: v * 1e3 for k, v in t.items()} for m, t in attn_timings.items()},
         "parity_max_abs_diff": parity,
         "results": results,
-        "ratio": {m: _ratio(r) for m, r in results.items()},
+        # the main rows: roberta_lite over transformers, both in `precision` (tokens/s)
+        "ratio": {m: next(o["x_vs_transformers"] for o in out if o["label"] == main_lite.label)
+                  for m, out in results.items()},
+        "summary": summary,
     }
     return finish(a, data, log)
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp32": None}  # transformers' autocast per precision (its weights stay fp32)
+
+
+def lite_row(m: Model, precision: str, device: torch.device) -> Contender:
+    """roberta_lite in `precision`: the base stored in that dtype, fp32 adapters/head, no autocast."""
+    opt, kind = make_optimizer(trainable(m), device)
+    recipe = {"bf16": "Model.from_pretrained(dtype=torch.bfloat16): bf16 base, fp32 adapters/head, no autocast",
+              "fp32": "Model.from_pretrained(dtype=torch.float32): fp32 throughout, no autocast"}[precision]
+    return Contender(f"roberta_lite {precision}", "roberta_lite", f"{recipe}; AdamW {kind}", m, _lite_call(m),
+                     precision=precision, opt=opt)
+
+
+def hf_row(hf: nn.Module, impl: str, precision: str, device: torch.device, sort: bool) -> Contender:
+    """transformers in `precision`: fp32 weights, under bf16 autocast for bf16, without autocast for fp32."""
+    opt, kind = make_optimizer(trainable(hf), device)
+    how = (f"fp32 weights + torch.autocast({device.type!r}, dtype=torch.bfloat16)" if precision == "bf16" else
+           "fp32, no autocast")
+    extra = ", length-sorted batches" if sort else ""
+    return Contender(f"transformers {'bf16-autocast' if precision == 'bf16' else 'fp32'} {impl}", "transformers",
+                     f"RobertaForSequenceClassification {how}, attn_implementation={impl!r}{extra}; AdamW {kind}",
+                     hf, _hf_call(hf), autocast=AUTOCAST[precision], precision=precision, opt=opt)
+
+
+def transformers_ratios(results: dict[str, list[dict]]) -> list[str]:
+    """Sets each row's x_vs_transformers (its tokens/s over transformers' uncompiled row in the same precision) and
+    x_vs_transformers_bf16 (over transformers' bf16 row: None without one, as in an fp32 run); returns the summary,
+    one line per uncompiled roberta_lite row that has a transformers row to compare with."""
+    summary = []
+    for mode, out in results.items():
+        hf: dict[str, dict] = {}
+        for o in out:
+            if o["side"] == "transformers" and not o["compiled"]:
+                hf.setdefault(o["precision"], o)
+        for o in out:
+            same, bf16 = hf.get(o["precision"]), hf.get("bf16")
+            o["x_vs_transformers"] = o["tokens_per_s"] / same["tokens_per_s"] if same else None
+            o["x_vs_transformers_bf16"] = o["tokens_per_s"] / bf16["tokens_per_s"] if bf16 else None
+            if o["side"] == "roberta_lite" and not o["compiled"] and same:
+                summary.append(f"{mode}: {o['label']} / {same['label']} = {o['x_vs_transformers']:.2f}x tokens/s")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- shared by the modes
@@ -840,6 +877,7 @@ def run_info(a: argparse.Namespace, device: torch.device, batches: list[Batch], 
         "config": a.config if a.checkpoint is None else str(a.checkpoint),
         "batch": a.batch, "lengths": a.lengths, "length": a.length if a.lengths == "fixed" else None,
         "sorted_batches": sort, "steps": a.steps, "warmup": a.warmup,
+        "precision": base_dtype(a, device)[1], "precision_requested": a.precision,
         "real_tokens_per_batch_mean": real / len(batches), "padding_fraction": 1 - real / padded,
         "loadavg_1min": {"start": load_start, "end": _loadavg()},
         "matmul_peak_tflops": {"bf16": matmul_peak(device, torch.bfloat16),
@@ -891,7 +929,7 @@ def separate_passes(m: Model, names: list[str]) -> Callable:
 
 
 def base_dtype(a: argparse.Namespace, device: torch.device) -> tuple[torch.dtype, str]:
-    """--precision for the adapter modes: (the base's dtype, its name)."""
+    """--precision, in every mode: (the base's dtype, its name)."""
     from roberta_lite import runtime  # select_dtype: train.py's choice of the base's dtype
 
     dtype = runtime.select_dtype(a.precision, device)
@@ -1063,13 +1101,6 @@ def lora_ratios(results: dict[str, list[dict]], lite_label: str, precision: str)
     return ratio
 
 
-def _ratio(rows: list[dict]) -> float | None:
-    lite = next((o for o in rows if o["label"] == "roberta_lite bf16"), None)
-    hf = next((o for o in rows if o["side"] == "transformers" and o["precision"] == "bf16" and not o["compiled"]),
-              None)
-    return lite["tokens_per_s"] / hf["tokens_per_s"] if lite and hf else None
-
-
 def _loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -1091,18 +1122,20 @@ def format_table(d: dict) -> str:
         f"{100 * d['padding_fraction']:.0f}% padding{', sorted' if d['sorted_batches'] else ''})"
     lines = [f"roberta_lite bench: {d['config']} on {d['device']} ({d['device_name']}, {d['threads']} threads), "
              f"batch {shape}, dropout {d['dropout']['hidden']:g} / attention {d['dropout']['attention']:g}, "
-             f"{d['steps']} timed steps, medians",
-             f"{'mode':<6} {'row':<40} {'tok/s':>9} {'ms/step':>9} {'x HF bf16':>9} {'TFLOP/s':>8} {'% peak':>6} "
+             f"{d['steps']} timed steps, medians, precision {d['precision']} (--precision {d['precision_requested']})",
+             f"{'mode':<6} {'row':<40} {'tok/s':>9} {'ms/step':>9} {'x HF':>9} {'TFLOP/s':>8} {'% peak':>6} "
              f"{'step MiB':>9} {'peak MiB':>9}"]
     for mode, rows in d["results"].items():
         for o in rows:
-            x = f"{o['x_vs_transformers_bf16']:.2f}x" if o.get("x_vs_transformers_bf16") else "-"
+            x = f"{o['x_vs_transformers']:.2f}x" if o.get("x_vs_transformers") else "-"
             lines.append(f"{mode:<6} {o['label']:<40} {o['tokens_per_s']:>9,.0f} {o['step_ms_median']:>9,.1f} "
                          f"{x:>9} {o['tflops']:>8.3f} {100 * o['fraction_of_matmul_peak']:>5.0f}% "
                          f"{o['step_mem_mb']:>9,.0f} {o['peak_mem_mb']:>9,.0f}")
     peak = d["matmul_peak_tflops"]
     lines.append(f"matmul peak, this run: bf16 {peak['bf16']:.3f}, fp32 {peak['fp32']:.3f} TFLOP/s on (2048 x 768) x "
                  f"(768 x 3072); '% peak' = the row's TFLOP/s over its precision's peak")
+    if any(o.get("x_vs_transformers") for rows in d["results"].values() for o in rows):
+        lines.append("'x HF' = the row's tok/s over transformers' uncompiled row in the same precision")
     lines.append(f"memory: {d['memory_method']}; 'step' = peak above what was held before one step, "
                  f"'peak' = whole process (every row's models)")
     if d.get("transformers_recipe"):

@@ -18,7 +18,7 @@ def test_bench_tiny_both_modes(tmp_path, capsys):
     pytest.importorskip("transformers")
     out = tmp_path / "sub" / "bench.json"
     data = bench.main(["--config", "tiny", "--mode", "both", "--steps", "2", "--warmup", "1", "--batch", "2",
-                       "--length", "32", "--fp32", "--json", str(out), "--quiet"])
+                       "--length", "32", "--precision", "bf16", "--fp32", "--json", str(out), "--quiet"])
     table = capsys.readouterr().out
     assert "roberta_lite bf16" in table and "transformers" in table
     written = json.loads(out.read_text())
@@ -33,11 +33,70 @@ def test_bench_tiny_both_modes(tmp_path, capsys):
             assert r["peak_mem_mb"] > 0 and r["step_mem_mb"] >= 0
         assert written["ratio"][mode] > 0
         assert written["transformers_attention"][mode] in ("sdpa", "eager")
+        # each row against transformers in its own precision, and (the older field) against transformers bf16
+        hf = {r["precision"]: r for r in rows if r["side"] == "transformers"}
+        for r in rows:
+            assert r["x_vs_transformers"] == pytest.approx(r["tokens_per_s"] / hf[r["precision"]]["tokens_per_s"])
+            assert r["x_vs_transformers_bf16"] == pytest.approx(r["tokens_per_s"] / hf["bf16"]["tokens_per_s"])
+        assert written["ratio"][mode] == _rows(written, mode)["roberta_lite bf16"]["x_vs_transformers"]
+    assert written["precision"] == "bf16" and written["precision_requested"] == "bf16"
     assert written["transformers_recipe"]
     # the comparison is apples to apples: in fp32 both sides compute the same logits from the same weights
     fp32 = [v for k, v in written["parity_max_abs_diff"].items() if "fp32" in k]
     assert fp32 and fp32[0] < 1e-4
     assert data["results"] == written["results"]
+
+
+def test_bench_classic_fp32(capsys):
+    """--precision fp32 in the roberta_lite-vs-transformers mode: both sides' main rows are fp32 (transformers without
+    autocast), the ratios are against transformers fp32, and --fp32 beside it adds no second set of rows."""
+    pytest.importorskip("transformers")
+    data = bench.main(["--config", "tiny", "--mode", "both", "--steps", "2", "--warmup", "0", "--batch", "2",
+                       "--length", "16", "--precision", "fp32", "--fp32", "--quiet"])
+    table = capsys.readouterr().out
+    assert data["precision"] == "fp32" and data["precision_requested"] == "fp32"
+    assert "transformers_recipe" in data and "autocast(" not in data["transformers_recipe"]
+    for mode in ("train", "infer"):
+        rows = data["results"][mode]
+        impl = data["transformers_attention"][mode]
+        assert [(r["label"], r["side"], r["precision"]) for r in rows] == [
+            ("roberta_lite fp32", "roberta_lite", "fp32"), (f"transformers fp32 {impl}", "transformers", "fp32")]
+        lite, hf = rows
+        assert lite["x_vs_transformers"] == pytest.approx(lite["tokens_per_s"] / hf["tokens_per_s"])
+        assert hf["x_vs_transformers"] == pytest.approx(1.0)
+        assert lite["x_vs_transformers_bf16"] is None  # no transformers bf16 row to compare with
+        assert data["ratio"][mode] == lite["x_vs_transformers"]
+        assert all(0 < r["fraction_of_matmul_peak"] for r in rows)
+        assert f"{mode}: roberta_lite fp32 / transformers fp32 {impl} = " in table
+    parity = data["parity_max_abs_diff"]
+    assert set(parity) == {f"roberta_lite fp32 vs transformers fp32 {data['transformers_attention']['train']}",
+                           "max |logit| (scale)"}
+    assert next(v for k, v in parity.items() if "fp32" in k) < 1e-4
+    assert any("--fp32" in n for n in data["notes"])
+    assert "precision fp32 (--precision fp32)" in table
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bench_classic_precision_auto(native, monkeypatch):
+    """--precision auto (the default) in the roberta_lite-vs-transformers mode resolves as runtime.select_dtype
+    does: bf16 rows (transformers under bf16 autocast) with native bf16, fp32 rows without; the CPU's answer is
+    faked both ways, so neither case depends on this machine."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from roberta_lite import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native)
+    want = "bf16" if runtime.select_dtype("auto", torch.device("cpu")) == torch.bfloat16 else "fp32"
+    assert want == ("bf16" if native else "fp32")
+    data = bench.main(["--config", "tiny", "--mode", "infer", "--steps", "1", "--warmup", "0", "--batch", "2",
+                       "--length", "16", "--hf-attn", "sdpa", "--quiet"])
+    assert data["precision"] == want and data["precision_requested"] == "auto"
+    rows = data["results"]["infer"]
+    hf_label = "transformers bf16-autocast sdpa" if want == "bf16" else "transformers fp32 sdpa"
+    assert [(r["label"], r["precision"]) for r in rows] == [(f"roberta_lite {want}", want), (hf_label, want)]
+    assert data["ratio"]["infer"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
+    assert ("autocast(" in data["transformers_recipe"]) == (want == "bf16")
 
 
 def test_bench_imdb_lengths_roberta_lite_alone(tmp_path):
@@ -121,7 +180,7 @@ def test_bench_lora_tiny(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--adapters", "1"], ["--adapters", "9", "--batch", "8"],
                                   ["--adapters", "2", "--fp32"], ["--adapter", "lora", "--lengths", "imdb"],
-                                  ["--adapters", "2", "--adapter", "lora"], ["--precision", "fp32"]])
+                                  ["--adapters", "2", "--adapter", "lora"], ["--precision", "fp16"]])
 def test_bench_refuses_mode_combinations(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
