@@ -2,8 +2,7 @@
 
 RoBERTa (Liu et al. 2019) is BERT's encoder trained better: the same layers, byte-level BPE, no next-sentence
 task. Each layer is two sublayers, each followed by a residual add and a LayerNorm ("post-LN", the original
-Transformer's order; GPT-2 and later models moved the norm before the sublayer). One layer, with the places where
-adapters sit:
+Transformer's order; GPT-2 and later put the norm first). One layer, and where adapters sit:
 
     x (B, T, C) ─┬─► qkv ─► attention ─► proj ─► dropout ─► h ─┬─► A_attn(h) ─────────┐  Houlsby only
                  │   +LoRA                +LoRA                │                      │
@@ -14,21 +13,24 @@ adapters sit:
     (the second row's x is the first row's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer, with
     the sublayer's own LayerNorm; "+LoRA": that projection's output gains a LoRA term)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (f: the reduction factor).
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (by default f = 16, relu).
     Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h)) (~1.4% of roberta-base at f = 16);
     Pfeiffer one after the FFN only, reading the normalised sum:  x ← LN(x + h + A(LN(x + h)))
     (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
-    B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, the attention output, FFN up and down.
-Both start as the identity (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
+    B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, attn_out, ffn_up, ffn_down (by default
+    r = 8, alpha = 16 on query and value, as peft's). Its A, B and scale are float32; the base may be bf16.
+Both add nothing at first (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
 the pretrained model. Each adapter has a classification head of its own; `freeze_base()` (train.py calls it)
-leaves only the active adapter and its head trainable. The rest, LayerNorms included, stays frozen, so one copy
-of the base serves every task.
+leaves only the active adapter and its head trainable (with none active: the model's own head); the rest,
+LayerNorms included, stays frozen, so one copy of the base serves every task.
 
-Where adapters go, the model has a `Slot` (the first class below), empty until `add_adapter` fills it. A
-bottleneck slot's inputs are (h, x, norm), from which each kind picks what it reads; a LoRA slot's input is its
-projection's input. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
-"HF:" comments name the Hugging Face tensors (per layer, under encoder.layer.{i}.) weights.HF_TO_OURS loads there.
+A bottleneck `Slot`'s inputs are (h, x, norm), from which each kind picks what it reads; a LoRA slot's input is
+its projection's input. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
+"HF:" comments name the Hugging Face tensors that weights.HF_TO_OURS loads into each module: for example
+roberta.encoder.layer.0.attention.self.key.{weight,bias} (the "roberta." prefix dropped) fills rows C..2C of
+layers.0.attn.qkv.{weight,bias}. Dropped on purpose: pooler.*, the position_ids buffer, lm_head.decoder (tied).
+Any other key, or a missing tensor (but the classifier's, then random), is an error.
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream,
 LayerNorms, adapter and LoRA weights, heads) is float32. kernels.py implements it: `K.Linear` and `K.linear(x, w)`
@@ -64,7 +66,7 @@ class Config:
     num_layers: int = 12
     num_heads: int = 12  # must divide C: heads of 64 in roberta-base
     ffn_size: int = 3072  # 4C
-    max_positions: int = 514  # 512 tokens + rows 0..pad_id, which real tokens never use (see Embeddings)
+    max_positions: int = 514  # 512 tokens + rows 0..pad_id: row pad_id is padding's, those below unused
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
     layer_norm_eps: float = 1e-5  # RoBERTa's; BERT uses 1e-12
     pad_id: int = 1  # <pad> in roberta-base's vocabulary; it also sets where positions start
@@ -84,9 +86,11 @@ class Config:
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: adapter name -> module. `route.groups` (made once per forward by make_route) lists
-    (adapter name, the indices of the examples using it, or None for all); adapters not in this slot are skipped
-    (Pfeiffer has no attn_adapter). Returns the sum of their terms, or ZERO (x + ZERO is x itself) if none ran."""
+    """Where adapters may sit: adapter name -> module, filled by add_adapter. `route` (adapters.make_route, once per
+    forward) says which adapter each example uses: route.groups = [(name, its examples' indices, or None for all)],
+    disjoint, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))] for a batch of route.batch = 3. Adapters not in
+    this slot are skipped (Pfeiffer has no attn_adapter). Returns the sum of the terms, or ZERO if none ran: a
+    constant for which t + ZERO is t itself (no kernel, no copy), so an empty slot costs nothing."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -145,7 +149,7 @@ class QKVLoRA(nn.ModuleDict):
         self.hidden_size = hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)  # no memory
+        zero = x.new_zeros((), dtype=torch.float32).expand(*x.shape[:-1], self.hidden_size)  # a view of one 0
         return torch.cat([self[p](x) if p in self else zero for p in self.PARTS], dim=-1)  # (B, T, 3C)
 
 
@@ -241,12 +245,9 @@ class ClassificationHead(nn.Module):
         self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: classifier.dense
         self.out = K.Linear(cfg.hidden_size, num_labels)  # HF: classifier.out_proj
         self.dropout = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.num_labels = num_labels
         self.labels = [f"LABEL_{i}" for i in range(num_labels)]  # output names, set by add_adapter or a file
         self.task = "classification"  # (softmax), or "multilabel" (sigmoid per label), or "regression"
-
-    @property
-    def num_labels(self) -> int:
-        return self.out.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = K.dropout(x[:, 0], self.dropout, self.training)  # (B, C): <s>
@@ -290,7 +291,6 @@ class Model(adapters.AdapterMethods, nn.Module):
             self.add_adapter("default", adapter)
 
     # Forward passes. `adapter`: None (the active one), a name, or one name per example (one pass of the base).
-
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                adapter: str | Sequence[str] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), float32, equal to transformers' RobertaModel(...).last_hidden_state."""
