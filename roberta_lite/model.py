@@ -4,38 +4,37 @@ RoBERTa (Liu et al. 2019) is BERT's encoder trained better: the same layers, byt
 task. Each layer is two sublayers, each followed by a residual add and a LayerNorm ("post-LN", the original
 Transformer's order; GPT-2 and later put the norm first). One layer, and where adapters sit:
 
-    x (B, T, C) ─┬─► qkv ─► attention ─► proj ─► dropout ─► h ─┬─► A_attn(h) ─────────┐  Houlsby only
-                 │   +LoRA                +LoRA                │                      │
-                 └───────────────────────────────────────► x + h ───────────────────► (+) ─► LayerNorm ─► x
-    x ───────────┬─► up (C→4C) ─► GELU ─► down (4C→C) ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
-                 │   +LoRA                 +LoRA                       │               │
-                 └───────────────────────────────────────────────► x + h ────────────► (+) ─► LayerNorm ─► x
-    (the second row's x is the first row's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer, with
-    the sublayer's own LayerNorm; "+LoRA": that projection's output gains a LoRA term)
+    x (B, T, C) ─┬─► qkv(+LoRA) ─► attention ─► proj(+LoRA) ─► dropout ─► h ─┬─► A_attn(a) ──┐  Houlsby only
+                 └─────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
+    x ───────────┬─► up(+LoRA) C→4C ─► GELU ─► down(+LoRA) 4C→C ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
+                 └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
+    (row 2's x is row 1's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer, with the sublayer's own
+    LayerNorm; "(+LoRA)": where a LoRA may add its term to that projection's output)
 
   * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (by default f = 16, relu).
     Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h)) (~1.4% of roberta-base at f = 16);
     Pfeiffer one after the FFN only, reading the normalised sum:  x ← LN(x + h + A(LN(x + h)))
-    (the layer's own LayerNorm is used twice, as in AdapterHub's SeqBnConfig).
+    (the layer's LayerNorm used twice: AdapterHub's SeqBnConfig, original_ln_before and residual_before_ln).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
     B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, attn_out, ffn_up, ffn_down (by default
-    r = 8, alpha = 16 on query and value, as peft's). Its A, B and scale are float32; the base may be bf16.
+    r = 8, alpha = 16 on query and value, as peft's). A and B are float32 even when the base is bf16.
 Both add nothing at first (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
 the pretrained model. Each adapter has a classification head of its own; `freeze_base()` (train.py calls it)
 leaves only the active adapter and its head trainable (with none active: the model's own head); the rest,
-LayerNorms included, stays frozen, so one copy of the base serves every task.
+LayerNorms and MLM head included, stays frozen, so one copy of the base serves every task.
 
-A bottleneck `Slot`'s inputs are (h, x, norm), from which each kind picks what it reads; a LoRA slot's input is
-its projection's input. So `x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
-"HF:" comments name the Hugging Face tensors that weights.HF_TO_OURS loads into each module: for example
-roberta.encoder.layer.0.attention.self.key.{weight,bias} (the "roberta." prefix dropped) fills rows C..2C of
-layers.0.attn.qkv.{weight,bias}. Dropped on purpose: pooler.*, the position_ids buffer, lm_head.decoder (tied).
-Any other key, or a missing tensor (but the classifier's, then random), is an error.
+Adapters sit in `Slot`s; a bottleneck slot gets (h, x, norm) and each kind picks what it reads, so
+`x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
+"HF:" comments name the Hugging Face tensors that weights.HF_TO_OURS loads into each module (a layer's under
+encoder.layer.{i}.; a leading "roberta." is stripped): e.g. roberta.encoder.layer.0.attention.self.key.{weight,bias}
+fills rows [C, 2C) of layers.0.attn.qkv.{weight,bias}. Dropped: pooler.*, position_ids, lm_head.decoder.{weight,
+bias} (ties of embed.tok.weight and lm_head.bias). Any other key is an error; so is a missing tensor, except
+classifier.* (then a random head) and lm_head.* (then no MLM head).
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream,
 LayerNorms, adapter and LoRA weights, heads) is float32. kernels.py implements it: `K.Linear` and `K.linear(x, w)`
 cast their input to w's dtype, `K.LayerNorm` and `K.Embedding` return float32, and bf16 + float32 is float32; the one
-cast written here keeps q, k, v in the base's dtype. Also in kernels.py: cheap dropout, CPU attention.
+cast here (in SelfAttention) keeps q, k, v in the base's dtype. kernels.py also has cheap dropout, CPU attention.
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ class Config:
     num_layers: int = 12
     num_heads: int = 12  # must divide C: heads of 64 in roberta-base
     ffn_size: int = 3072  # 4C
-    max_positions: int = 514  # 512 tokens + rows 0..pad_id: row pad_id is padding's, those below unused
+    max_positions: int = 514  # 512 tokens + pad_id + 1 reserved rows (row pad_id: padding; below it: unused)
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
     layer_norm_eps: float = 1e-5  # RoBERTa's; BERT uses 1e-12
     pad_id: int = 1  # <pad> in roberta-base's vocabulary; it also sets where positions start
@@ -86,11 +85,12 @@ class Config:
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: adapter name -> module, filled by add_adapter. `route` (adapters.make_route, once per
-    forward) says which adapter each example uses: route.groups = [(name, its examples' indices, or None for all)],
-    disjoint, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))] for a batch of route.batch = 3. Adapters not in
-    this slot are skipped (Pfeiffer has no attn_adapter). Returns the sum of the terms, or ZERO if none ran: a
-    constant for which t + ZERO is t itself (no kernel, no copy), so an empty slot costs nothing."""
+    """Where adapters may sit: adapter name -> module, filled by add_adapter. A layer's attn_adapter and ffn_adapter
+    hold Adapters and get (h, x, norm); attn.qkv_lora holds QKVLoRAs, attn.proj_lora and ffn.up_lora/down_lora
+    LoRAs, each getting its projection's input. `route` (make_route, once per forward) says which adapter each
+    example uses: route.groups = [(name, its examples' indices or None for all)], disjoint, e.g. [("sst",
+    tensor([0, 2])), ("nli", tensor([1]))] with route.batch = 3. Adapters not in this slot are skipped. Returns the
+    sum of the terms, or if none ran ZERO: a singleton whose + (either side) returns the other operand, for free."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -298,8 +298,8 @@ class Model(adapters.AdapterMethods, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits (B, num_labels), float32, from each example's adapter's head; with no adapter active, from the
-        model's own `head` (adapters.classify)."""
+        """Logits (B, K), float32, from each example's adapter's head (none active: the model's own `head`). A mixed
+        batch runs each head on its own rows; K is the widest head's, narrower ones padded with -inf (classify)."""
         route = adapters.make_route(self, adapter, input_ids)
         # The head reads <s> alone, so the last layer computes <s>'s row only (it still attends to every token).
         return adapters.classify(self, route, self._encode(input_ids, attention_mask, route, rows=1))
@@ -314,7 +314,7 @@ class Model(adapters.AdapterMethods, nn.Module):
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
         # (B, 1, 1, T), True = attend; None if attention_mask is None or all ones: then every token, padding
-        # included, is attended (as in transformers). Also checks ids against the vocabulary and max length.
+        # included, is attended, as in transformers (positions come from ids either way). Also checks the ids.
         mask = K.attention_mask(self.config, ids, attention_mask)
         x = self.embed(ids)  # (B, T, C)
         for layer in self.layers[:-1]:
