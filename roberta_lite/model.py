@@ -8,32 +8,33 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     x ───────────┬─► up(+LoRA) C→4C ─► GELU ─► down(+LoRA) 4C→C ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
-    (row 2's x is row 1's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer, with the sublayer's own
-    LayerNorm; "(+LoRA)": where a LoRA may add its term to that projection's output)
+    (row 2's x is row 1's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer; "(+LoRA)": where a LoRA
+    may add its term to that projection's output)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (by default f = 16, relu).
-    Houlsby puts one after each sublayer, reading h:  x ← LN(x + h + A(h)) (~1.4% of roberta-base at f = 16);
-    Pfeiffer one after the FFN only, reading the normalised sum:  x ← LN(x + h + A(LN(x + h)))
-    (the layer's LayerNorm used twice: AdapterHub's SeqBnConfig, original_ln_before and residual_before_ln).
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C, f the reduction factor.
+    Houlsby: one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
+    Pfeiffer: one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
+    the same LayerNorm (ffn_norm) applied twice, as AdapterHub's SeqBnConfig does.
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
-    B: out × r (alpha/sqrt(r) with rsLoRA), on any of query, key, value, attn_out, ffn_up, ffn_down (by default
-    r = 8, alpha = 16 on query and value, as peft's). A and B are float32 even when the base is bf16.
+    B: out × r (alpha/sqrt(r) with rsLoRA). Targets → slots: query/key/value → attn.qkv_lora (one QKVLoRA),
+    attn_out → attn.proj_lora, ffn_up → ffn.up_lora, ffn_down → ffn.down_lora.
+  * adapters.AdapterConfig: kind ("houlsby", "pfeiffer" or "lora"); reduction_factor = 16, activation = "relu";
+    r = 8, alpha = 16, targets = ("query", "value"), dropout = 0.0, use_rslora = False.
 Both add nothing at first (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
 the pretrained model. Each adapter has a classification head of its own; `freeze_base()` (train.py calls it)
-leaves only the active adapter and its head trainable (with none active: the model's own head); the rest,
-LayerNorms and MLM head included, stays frozen, so one copy of the base serves every task.
+leaves only the active adapter and its head trainable (none active: the model's own head, on a frozen base);
+the rest, LayerNorms and MLM head included, stays frozen, so one copy of the base serves every task.
 
-Adapters sit in `Slot`s; a bottleneck slot gets (h, x, norm) and each kind picks what it reads, so
-`x + h + self.ffn_adapter(route, h, x, self.ffn_norm)` is the formula above.
-"HF:" comments name the Hugging Face tensors that weights.HF_TO_OURS loads into each module (a layer's under
-encoder.layer.{i}.; a leading "roberta." is stripped): e.g. roberta.encoder.layer.0.attention.self.key.{weight,bias}
-fills rows [C, 2C) of layers.0.attn.qkv.{weight,bias}. Dropped: pooler.*, position_ids, lm_head.decoder.{weight,
-bias} (ties of embed.tok.weight and lm_head.bias). Any other key is an error; so is a missing tensor, except
-classifier.* (then a random head) and lm_head.* (then no MLM head).
+A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
+self.ffn_norm)` is the formula above. "HF:" comments name what weights.HF_TO_OURS loads into each module; a
+leading "roberta." is stripped, then embeddings. → embed., encoder.layer.{i}. → layers.{i}., classifier. →
+head., lm_head. → mlm.; query, key, value fill rows [0, C), [C, 2C), [2C, 3C) of qkv. Dropped: pooler.*,
+position_ids, lm_head.decoder.weight and .bias (ties of embed.tok.weight, lm_head.bias). Any other key is an
+error; so is a missing tensor, except classifier.* (then a random head) and lm_head.* (then no MLM head).
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream,
 LayerNorms, adapter and LoRA weights, heads) is float32. kernels.py implements it: `K.Linear` and `K.linear(x, w)`
-cast their input to w's dtype, `K.LayerNorm` and `K.Embedding` return float32, and bf16 + float32 is float32; the one
+compute in w's dtype, `K.LayerNorm` and `K.Embedding` return float32, and bf16 + float32 is float32. The one
 cast here (in SelfAttention) keeps q, k, v in the base's dtype. kernels.py also has cheap dropout, CPU attention.
 """
 
@@ -65,7 +66,7 @@ class Config:
     num_layers: int = 12
     num_heads: int = 12  # must divide C: heads of 64 in roberta-base
     ffn_size: int = 3072  # 4C
-    max_positions: int = 514  # 512 tokens + pad_id + 1 reserved rows (row pad_id: padding; below it: unused)
+    max_positions: int = 514  # 512 + (pad_id + 1) reserved rows: row pad_id is padding's, those below unused
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
     layer_norm_eps: float = 1e-5  # RoBERTa's; BERT uses 1e-12
     pad_id: int = 1  # <pad> in roberta-base's vocabulary; it also sets where positions start
@@ -85,12 +86,10 @@ class Config:
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: adapter name -> module, filled by add_adapter. A layer's attn_adapter and ffn_adapter
-    hold Adapters and get (h, x, norm); attn.qkv_lora holds QKVLoRAs, attn.proj_lora and ffn.up_lora/down_lora
-    LoRAs, each getting its projection's input. `route` (make_route, once per forward) says which adapter each
-    example uses: route.groups = [(name, its examples' indices or None for all)], disjoint, e.g. [("sst",
-    tensor([0, 2])), ("nli", tensor([1]))] with route.batch = 3. Adapters not in this slot are skipped. Returns the
-    sum of the terms, or if none ran ZERO: a singleton whose + (either side) returns the other operand, for free."""
+    """Where adapters may sit: adapter name -> module, filled by add_adapter. `route` (make_route, once per forward)
+    says which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint,
+    e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))] with route.batch = 3; adapters not here are skipped.
+    Returns the sum of their terms, or if none ran ZERO, a singleton whose + returns the other operand (no cost)."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -209,8 +208,8 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
         """rows: compute only the first `rows` tokens' outputs (each still attends to all); None: every token."""
-        h = K.dropout(self.attn(x, mask, route, rows), self.dropout, self.training)  # (B, T, C); T = rows if set
-        x = x[:, :rows]  # the residual stream keeps the same rows (all of them when rows is None)
+        h = K.dropout(self.attn(x, mask, route, rows), self.dropout, self.training)  # (B, rows or T, C)
+        x = x[:, :rows]  # the residual stream (float32; h: the base's dtype, or float32 with LoRA) keeps these rows
         x = self.attn_norm(x + h + self.attn_adapter(route, h, x, self.attn_norm))  # post-LN: norm after the add
         h = K.dropout(self.ffn(x, route), self.dropout, self.training)
         return self.ffn_norm(x + h + self.ffn_adapter(route, h, x, self.ffn_norm))  # (B, T, C)
@@ -227,9 +226,9 @@ class Embeddings(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # RoBERTa quirk (fairseq's): padding has position pad_id and real tokens count on from pad_id + 1 (rows
-        # below pad_id go unused), as the table was trained. Counting real tokens only, left- and right-padded
-        # text get the same positions. With pad_id 1, a 512-token text uses rows 2..513 of the 514-row table.
+        # RoBERTa quirk (fairseq's): padding owns position row pad_id and real tokens are numbered after it, from
+        # pad_id + 1 (rows below pad_id unused), as the table was trained. Counting real tokens only, left- and right-
+        # padded text get the same positions. With pad_id 1, a 512-token text uses rows 2..513 of the 514-row table.
         real = (ids != self.pad_id).int()  # (B, T)
         pos = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
         # Every token is segment 0: RoBERTa dropped BERT's sentence-pair embedding, but the table is kept.
@@ -238,7 +237,7 @@ class Embeddings(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """RoBERTa's sentence classifier reads the <s> token's final state (there is no BERT-style pooler)."""
+    """RoBERTa's classifier reads <s>'s final state, x[:, 0] (no BERT-style pooler; so text is padded on the right)."""
 
     def __init__(self, cfg: Config, num_labels: int):
         super().__init__()
@@ -298,8 +297,8 @@ class Model(adapters.AdapterMethods, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits (B, K), float32, from each example's adapter's head (none active: the model's own `head`). A mixed
-        batch runs each head on its own rows; K is the widest head's, narrower ones padded with -inf (classify)."""
+        """Logits (B, num_labels), float32, from each example's adapter's head (none active: the model's own `head`).
+        A mixed batch runs each head on its own rows; narrower heads are padded to the widest with -inf (classify)."""
         route = adapters.make_route(self, adapter, input_ids)
         # The head reads <s> alone, so the last layer computes <s>'s row only (it still attends to every token).
         return adapters.classify(self, route, self._encode(input_ids, attention_mask, route, rows=1))
@@ -313,8 +312,8 @@ class Model(adapters.AdapterMethods, nn.Module):
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
-        # (B, 1, 1, T), True = attend; None if attention_mask is None or all ones: then every token, padding
-        # included, is attended, as in transformers (positions come from ids either way). Also checks the ids.
+        # (B, 1, 1, T), True = attend; None if attention_mask is None or all ones: all tokens, padding too, are then
+        # attended, as in transformers. Also checks that ids are in the vocabulary and at most max_tokens long.
         mask = K.attention_mask(self.config, ids, attention_mask)
         x = self.embed(ids)  # (B, T, C)
         for layer in self.layers[:-1]:
@@ -337,7 +336,8 @@ class Model(adapters.AdapterMethods, nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int | None = None,
                         adapter: AdapterConfig | str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, **kwargs) -> "Model":
-        """A transformers RoBERTa checkpoint (directory or hub id); dtype=torch.bfloat16: the fast frozen base."""
+        """A transformers RoBERTa checkpoint (directory or hub id); dtype=torch.bfloat16: the fast frozen base.
+        num_labels None: the checkpoint classifier's (its weights kept), or 2 if it has none (a random head)."""
         return W.load_pretrained(cls, name_or_path, num_labels, adapter, dtype, device, **kwargs)
 
     def save_adapter(self, directory: str | os.PathLike, name: str | None = None, format: str = "roberta_lite"):
