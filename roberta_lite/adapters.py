@@ -111,21 +111,6 @@ class AdapterConfig:
 
 # ---------------------------------------------------------------------------------------------- slots and routes
 
-class _Zero:
-    """What an empty slot returns: adding it to a tensor gives that same tensor, with no kernel and no copy."""
-
-    def __add__(self, other):
-        return other
-
-    __radd__ = __add__
-
-    def __repr__(self):
-        return "ZERO"
-
-
-ZERO = _Zero()
-
-
 @dataclass
 class Route:
     """Which adapter each example uses. `groups`: (name, rows) for the adapters whose modules run, rows None

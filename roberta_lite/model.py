@@ -8,8 +8,7 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     x ───────────┬─► up(+LoRA) C→4C ─► GELU ─► down(+LoRA) 4C→C ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
-    (row 2's x is row 1's output; a = h for Houlsby, a = LayerNorm(x + h) for Pfeiffer; "(+LoRA)": where a LoRA
-    may add its term to that projection's output)
+    (row 2's x is row 1's output; a = h (Houlsby) or LayerNorm(x + h) (Pfeiffer); "(+LoRA)": a LoRA may add there)
 
   * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C, f the reduction factor.
     Houlsby: one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
@@ -20,10 +19,10 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
     attn_out → attn.proj_lora, ffn_up → ffn.up_lora, ffn_down → ffn.down_lora.
   * adapters.AdapterConfig: kind ("houlsby", "pfeiffer" or "lora"); reduction_factor = 16, activation = "relu";
     r = 8, alpha = 16, targets = ("query", "value"), dropout = 0.0, use_rslora = False.
-Both add nothing at first (the adapter's up-projection and LoRA's B are zero), so training starts from exactly
-the pretrained model. Each adapter has a classification head of its own; `freeze_base()` (train.py calls it)
-leaves only the active adapter and its head trainable (none active: the model's own head, on a frozen base);
-the rest, LayerNorms and MLM head included, stays frozen, so one copy of the base serves every task.
+Bottleneck adapters and LoRA both add nothing at first (their up and B are zero), so training starts from exactly
+the pretrained model. Each adapter has its own classification head; `freeze_base()` (train.py calls it) leaves only
+the active adapter and its head trainable (none active: only the model's own head); the rest, LayerNorms and MLM
+head included, stays frozen, so one copy of the base serves every task.
 
 A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
 self.ffn_norm)` is the formula above. "HF:" comments name what weights.HF_TO_OURS loads into each module; a
@@ -32,10 +31,9 @@ head., lm_head. → mlm.; query, key, value fill rows [0, C), [C, 2C), [2C, 3C) 
 position_ids, lm_head.decoder.weight and .bias (ties of embed.tok.weight, lm_head.bias). Any other key is an
 error; so is a missing tensor, except classifier.* (then a random head) and lm_head.* (then no MLM head).
 
-Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream,
-LayerNorms, adapter and LoRA weights, heads) is float32. kernels.py implements it: `K.Linear` and `K.linear(x, w)`
-compute in w's dtype, `K.LayerNorm` and `K.Embedding` return float32, and bf16 + float32 is float32. The one
-cast here (in SelfAttention) keeps q, k, v in the base's dtype. kernels.py also has cheap dropout, CPU attention.
+Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream, norms,
+adapters, LoRAs, heads) is float32. `K.Linear`/`K.linear(x, w)` compute in w's dtype, `K.LayerNorm`/`K.Embedding`
+return float32, bf16 + float32 is float32, and one cast (in SelfAttention) keeps q, k, v in the base's dtype.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ import torch.nn.functional as F
 from roberta_lite import adapters, formats
 from roberta_lite import kernels as K
 from roberta_lite import weights as W
-from roberta_lite.adapters import ZERO, AdapterConfig, Route
+from roberta_lite.adapters import AdapterConfig, Route
 
 
 @dataclass
@@ -85,11 +83,14 @@ class Config:
         return self.max_positions - self.pad_id - 1
 
 
+# What an empty Slot returns: t + ZERO and ZERO + t are t itself (no kernel, no copy, nothing for autograd).
+ZERO = type("Zero", (), {"__add__": lambda self, t: t, "__radd__": lambda self, t: t})()
+
+
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: adapter name -> module, filled by add_adapter. `route` (make_route, once per forward)
-    says which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint,
-    e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))] with route.batch = 3; adapters not here are skipped.
-    Returns the sum of their terms, or if none ran ZERO, a singleton whose + returns the other operand (no cost)."""
+    """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route, once per forward) says
+    which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint,
+    e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))], batch 3. Returns the sum of their terms here, or ZERO."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -122,7 +123,7 @@ class Adapter(nn.Module):
 
 
 class LoRA(nn.Module):
-    """Low-rank update of one frozen projection: (alpha/r) B A x, A: (r, in), B: (out, r)."""
+    """Low-rank update of a frozen projection: scale B A x; A: (r, in), B: (out, r); scale alpha/r or alpha/sqrt(r)."""
 
     def __init__(self, fan_in: int, fan_out: int, cfg: AdapterConfig):
         super().__init__()
@@ -153,7 +154,7 @@ class QKVLoRA(nn.ModuleDict):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention, bidirectional: every token sees every non-padding token."""
+    """Multi-head self-attention, bidirectional: every token sees every token the attention mask allows."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -212,7 +213,7 @@ class Layer(nn.Module):
         x = x[:, :rows]  # the residual stream (float32; h: the base's dtype, or float32 with LoRA) keeps these rows
         x = self.attn_norm(x + h + self.attn_adapter(route, h, x, self.attn_norm))  # post-LN: norm after the add
         h = K.dropout(self.ffn(x, route), self.dropout, self.training)
-        return self.ffn_norm(x + h + self.ffn_adapter(route, h, x, self.ffn_norm))  # (B, T, C)
+        return self.ffn_norm(x + h + self.ffn_adapter(route, h, x, self.ffn_norm))  # (B, rows or T, C)
 
 
 class Embeddings(nn.Module):
@@ -237,7 +238,7 @@ class Embeddings(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """RoBERTa's classifier reads <s>'s final state, x[:, 0] (no BERT-style pooler; so text is padded on the right)."""
+    """RoBERTa's classifier reads <s>'s final state, x[:, 0], so text is padded on the right (no BERT pooler)."""
 
     def __init__(self, cfg: Config, num_labels: int):
         super().__init__()
@@ -306,8 +307,7 @@ class Model(adapters.AdapterMethods, nn.Module):
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Masked-LM logits (B, T, vocab) over every position."""
         if self.mlm is None:
-            raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* tensors in "
-                               f"its checkpoint; load a RobertaForMaskedLM one such as roberta-base)")
+            raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* in its file)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: Route | None,
