@@ -27,9 +27,9 @@ head included, stays frozen, so one copy of the base serves every task.
 A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
 self.ffn_norm)` is the formula above. "HF:" comments name what weights.HF_TO_OURS loads into each module; a
 leading "roberta." is stripped, then embeddings. → embed., encoder.layer.{i}. → layers.{i}., classifier. →
-head., lm_head. → mlm.; query, key, value fill rows [0, C), [C, 2C), [2C, 3C) of qkv. Dropped: pooler.*,
-position_ids, lm_head.decoder.weight and .bias (ties of embed.tok.weight, lm_head.bias). Any other key is an
-error; so is a missing tensor, except classifier.* (then a random head) and lm_head.* (then no MLM head).
+head., lm_head. → mlm.; query, key, value fill rows [0, C), [C, 2C), [2C, 3C) of qkv (weight and bias). Dropped:
+pooler.*, position_ids, lm_head.decoder.weight and .bias (ties of embed.tok.weight, lm_head.bias). Any other key is
+an error; so is a missing tensor, except classifier.* (then a random head) and lm_head.* (then no MLM head).
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream, norms,
 adapters, LoRAs, heads) is float32. `K.Linear`/`K.linear(x, w)` compute in w's dtype, `K.LayerNorm`/`K.Embedding`
@@ -83,14 +83,14 @@ class Config:
         return self.max_positions - self.pad_id - 1
 
 
-# What an empty Slot returns: t + ZERO and ZERO + t are t itself (no kernel, no copy, nothing for autograd).
-ZERO = type("Zero", (), {"__add__": lambda self, t: t, "__radd__": lambda self, t: t})()
+ZERO = type("Zero", (), {"__add__": lambda z, t: t, "__radd__": lambda z, t: t})()  # empty Slot: t + ZERO is t, no copy
 
 
 class Slot(nn.ModuleDict):
     """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route, once per forward) says
     which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint,
-    e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))], batch 3. Returns the sum of their terms here, or ZERO."""
+    e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))], batch 3. Returns the sum of the terms of those with a
+    module here (Pfeiffer has none in attn_adapter), or ZERO; non-tensor inputs (a norm) pass through as they are."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -194,7 +194,7 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """One encoder layer: the picture at the top of this file."""
+    """One encoder layer: the picture at the top. Its (and its sublayers') "HF:" names are under encoder.layer.{i}."""
 
     def __init__(self, cfg: Config):
         super().__init__()
