@@ -189,8 +189,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
         # Exact, erf-based GELU (BERT's "gelu"), not GPT-2's tanh approximation: the weights were trained with it.
-        h = F.gelu(self.up(x) + self.up_lora(route, x))  # (B, T, 4C)
-        return self.down(h) + self.down_lora(route, h)  # (B, T, C)
+        g = F.gelu(self.up(x) + self.up_lora(route, x))  # (B, T, 4C)
+        return self.down(g) + self.down_lora(route, g)  # (B, T, C)
 
 
 class Layer(nn.Module):
