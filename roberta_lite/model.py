@@ -10,26 +10,28 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     (row 2's x is row 1's output; a = h (Houlsby) or LayerNorm(x + h) (Pfeiffer); "(+LoRA)": a LoRA may add there)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C, f the reduction factor.
-    Houlsby: one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
-    Pfeiffer: one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (default f = 16, relu).
+    kind "houlsby": one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
+    kind "pfeiffer": one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
     the same LayerNorm (ffn_norm) applied twice, as AdapterHub's SeqBnConfig does.
-  * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), with A: r × in and
-    B: out × r (alpha/sqrt(r) with rsLoRA). Targets → slots: query/key/value → attn.qkv_lora (one QKVLoRA),
-    attn_out → attn.proj_lora, ffn_up → ffn.up_lora, ffn_down → ffn.down_lora.
-  * adapters.AdapterConfig: kind ("houlsby", "pfeiffer" or "lora"); reduction_factor = 16, activation = "relu";
-    r = 8, alpha = 16, targets = ("query", "value"), dropout = 0.0, use_rslora = False.
+  * kind "lora" (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), A: r × in, B: out × r
+    (alpha/sqrt(r) with use_rslora; default r 8, alpha 16, dropout 0, on query and value). Targets → slots: query,
+    key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
 Bottleneck adapters and LoRA both add nothing at first (their up and B are zero), so training starts from exactly
 the pretrained model. Each adapter has its own classification head; `freeze_base()` (train.py calls it) leaves only
 the active adapter and its head trainable (none active: only the model's own head); the rest, LayerNorms and MLM
 head included, stays frozen, so one copy of the base serves every task.
 
 A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
-self.ffn_norm)` is the formula above. "HF:" comments name what weights.HF_TO_OURS loads into each module; a
-leading "roberta." is stripped, then embeddings. → embed., encoder.layer.{i}. → layers.{i}., classifier. →
-head., lm_head. → mlm.; query, key, value fill rows [0, C), [C, 2C), [2C, 3C) of qkv (weight and bias). Dropped:
-pooler.*, position_ids, lm_head.decoder.weight and .bias (ties of embed.tok.weight, lm_head.bias). Any other key is
-an error; so is a missing tensor, except classifier.* (then a random head) and lm_head.* (then no MLM head).
+self.ffn_norm)` is the formula above. Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
+    embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm → embed.{tok,pos,token_type}, embed.norm
+    encoder.layer.{i}.attention.self.{query,key,value} → rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
+    encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
+    encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
+    classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
+    dropped: pooler.*, position_ids, lm_head.decoder.weight (= embed.tok.weight), lm_head.decoder.bias (= mlm.bias)
+(.weight and .bias alike). Any other key is an error, and so is a missing tensor but for classifier.* (random head)
+and lm_head.* (no MLM head). The "HF:" comments below repeat these names where each module is made.
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream, norms,
 adapters, LoRAs, heads) is float32. `K.Linear`/`K.linear(x, w)` compute in w's dtype, `K.LayerNorm`/`K.Embedding`
@@ -56,8 +58,8 @@ from roberta_lite.adapters import AdapterConfig, Route
 
 @dataclass
 class Config:
-    """Architecture. Defaults are roberta-base; `from_hf` reads any checkpoint's config.json (roberta-large:
-    hidden 1024, 24 layers, 16 heads, ffn 4096; nothing else changes)."""
+    """Architecture. Defaults are roberta-base (roberta-large: hidden 1024, 24 layers, 16 heads, ffn 4096; nothing
+    else changes). `from_hf` reads a checkpoint's config.json, with the key names in weights.HF_CONFIG_KEYS."""
 
     vocab_size: int = 50265
     hidden_size: int = 768  # C
@@ -75,7 +77,6 @@ class Config:
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "Config":
-        """From a transformers config.json: its key names and checks are in weights.HF_CONFIG_KEYS."""
         return cls(**W.config_fields(d, source, cls))
 
     @property
@@ -88,9 +89,9 @@ ZERO = type("Zero", (), {"__add__": lambda z, t: t, "__radd__": lambda z, t: t})
 
 class Slot(nn.ModuleDict):
     """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route, once per forward) says
-    which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint,
-    e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))], batch 3. Returns the sum of the terms of those with a
-    module here (Pfeiffer has none in attn_adapter), or ZERO; non-tensor inputs (a norm) pass through as they are."""
+    which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint, e.g.
+    [("sst", tensor([0, 2])), ("nli", tensor([1]))], route.batch 3. Sums the terms of those with a module here,
+    else ZERO. A non-tensor input (the norm) goes to each adapter as it is."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -141,7 +142,6 @@ class LoRA(nn.Module):
 class QKVLoRA(nn.ModuleDict):
     """LoRA on query, key and/or value: one LoRA (with its own dropout) per part targeted. They share the fused
     projection, so each part's update fills its third of the (B, T, 3C) output; untargeted thirds get zeros."""
-
     PARTS = ("query", "key", "value")
 
     def __init__(self, hidden_size: int, cfg: AdapterConfig):
@@ -228,8 +228,8 @@ class Embeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # RoBERTa quirk (fairseq's): padding owns position row pad_id and real tokens are numbered after it, from
-        # pad_id + 1 (rows below pad_id unused), as the table was trained. Counting real tokens only, left- and right-
-        # padded text get the same positions. With pad_id 1, a 512-token text uses rows 2..513 of the 514-row table.
+        # pad_id + 1 (rows below unused), as the table was trained; a 512-token text uses rows 2..513 of 514. Only
+        # real tokens count, so padding's side does not move positions (but pad on the right: the head reads x[:, 0]).
         real = (ids != self.pad_id).int()  # (B, T)
         pos = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
         # Every token is segment 0: RoBERTa dropped BERT's sentence-pair embedding, but the table is kept.
