@@ -109,7 +109,7 @@ class AdapterConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k in keys for v in [getattr(self, k)]}
 
 
-# ---------------------------------------------------------------------------------------------- slots and routes
+# ---------------------------------------------------------------------------------------------- routes
 
 @dataclass
 class Route:
@@ -238,7 +238,8 @@ def new_head(model: "Model", num_labels: int, labels: Sequence[str] | None, task
         raise ValueError(f"labels: {len(labels)} names for {num_labels} outputs")
     head = ClassificationHead(model.config, num_labels)
     head.apply(partial(W.init_fresh, std=model.config.initializer_range))
-    head.labels = list(labels) if labels is not None else head.labels
+    if labels is not None:
+        head.labels = list(labels)
     head.task = task
     return head
 

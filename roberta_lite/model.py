@@ -17,10 +17,9 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
   * kind "lora" (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), A: r × in, B: out × r
     (alpha/sqrt(r) with use_rslora; default r 8, alpha 16, dropout 0, on query and value). Targets → slots: query,
     key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
-Bottleneck adapters and LoRA both add nothing at first (their up and B are zero), so training starts from exactly
-the pretrained model. Each adapter has its own classification head; `freeze_base()` (train.py calls it) leaves only
-the active adapter and its head trainable (none active: only the model's own head); the rest, LayerNorms and MLM
-head included, stays frozen, so one copy of the base serves every task.
+Both kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Each adapter has
+its own head; `freeze_base()` (train.py calls it) leaves only the active adapter and its head trainable (none active:
+the model's own head), all else frozen, LayerNorms and MLM head included.
 
 A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
 self.ffn_norm)` is the formula above. Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
@@ -30,8 +29,7 @@ self.ffn_norm)` is the formula above. Hugging Face names → ours (weights.HF_TO
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
     classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
     dropped: pooler.*, position_ids, lm_head.decoder.weight (= embed.tok.weight), lm_head.decoder.bias (= mlm.bias)
-(.weight and .bias alike). Any other key is an error, and so is a missing tensor but for classifier.* (random head)
-and lm_head.* (no MLM head). The "HF:" comments below repeat these names where each module is made.
+(.weight and .bias alike). Other keys are errors, and so are missing tensors; classifier.* and lm_head.* are optional.
 
 Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream, norms,
 adapters, LoRAs, heads) is float32. `K.Linear`/`K.linear(x, w)` compute in w's dtype, `K.LayerNorm`/`K.Embedding`
@@ -84,7 +82,11 @@ class Config:
         return self.max_positions - self.pad_id - 1
 
 
-ZERO = type("Zero", (), {"__add__": lambda z, t: t, "__radd__": lambda z, t: t})()  # empty Slot: t + ZERO is t, no copy
+class Zero:  # what an empty Slot returns: t + ZERO and ZERO + t are t itself (no kernel, no copy, no graph node)
+    __add__ = __radd__ = lambda self, t: t
+
+
+ZERO = Zero()
 
 
 class Slot(nn.ModuleDict):
@@ -159,8 +161,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = K.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # HF: attention.self.{query,key,value}, fused
-        self.proj = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: attention.output.dense
+        self.qkv = K.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # query | key | value, fused: one matmul
+        self.proj = K.Linear(cfg.hidden_size, cfg.hidden_size)
         self.qkv_lora, self.proj_lora = Slot(), Slot()  # LoRA targets "query"/"key"/"value", and "attn_out"
         self.dropout = cfg.attention_dropout
 
@@ -168,13 +170,11 @@ class SelfAttention(nn.Module):
                 rows: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
-        # One slot for the fused projection, holding QKVLoRAs. The cast rounds the sum back to the base's dtype
-        # (the float32 LoRA term made it float32), so that attention runs in bf16 on the bf16 path.
+        # One slot holds QKVLoRAs; the cast keeps q, k, v in the base's dtype (a float32 LoRA term promotes them).
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         q = q[:, :, :rows]  # only the first `rows` tokens ask (all when None); all T keys and values answer
-        # softmax(q k^T / sqrt(C/H)) v, padding keys masked out (mask: (B, 1, 1, T)); the fused kernel or, for
-        # training on CPU, the ops written out (faster backward there).
+        # softmax(q k^T / sqrt(C/H)) v over the unmasked keys (mask: (B, 1, 1, T)); K picks the fastest kernel.
         y = K.attention(q, k, v, mask, self.dropout, self.training)  # (B, H, Tq, C/H)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, Tq, C): the heads side by side again
         return self.proj(y) + self.proj_lora(route, y)
@@ -183,8 +183,8 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.up = K.Linear(cfg.hidden_size, cfg.ffn_size)  # HF: intermediate.dense
-        self.down = K.Linear(cfg.ffn_size, cfg.hidden_size)  # HF: output.dense
+        self.up = K.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.down = K.Linear(cfg.ffn_size, cfg.hidden_size)
         self.up_lora, self.down_lora = Slot(), Slot()  # LoRA targets "ffn_up" and "ffn_down"
 
     def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
@@ -194,15 +194,15 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """One encoder layer: the picture at the top. Its (and its sublayers') "HF:" names are under encoder.layer.{i}."""
+    """One encoder layer: the picture at the top of this file."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.attn = SelfAttention(cfg)
-        self.attn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF: attention.output.LayerNorm
+        self.attn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn_adapter = Slot()  # Houlsby's first adapter
         self.ffn = FeedForward(cfg)
-        self.ffn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF: output.LayerNorm
+        self.ffn_norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn_adapter = Slot()  # Houlsby's second adapter, Pfeiffer's only one
         self.dropout = cfg.dropout
 
@@ -220,10 +220,10 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.pad_id = cfg.pad_id
-        self.tok = K.Embedding(cfg.vocab_size, cfg.hidden_size)  # HF (all under embeddings.): word_embeddings
-        self.pos = K.Embedding(cfg.max_positions, cfg.hidden_size)  # position_embeddings
-        self.token_type = K.Embedding(cfg.type_vocab_size, cfg.hidden_size)  # token_type_embeddings
-        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # LayerNorm
+        self.tok = K.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = K.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_type = K.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = cfg.dropout
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -242,8 +242,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, cfg: Config, num_labels: int):
         super().__init__()
-        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: classifier.dense
-        self.out = K.Linear(cfg.hidden_size, num_labels)  # HF: classifier.out_proj
+        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = K.Linear(cfg.hidden_size, num_labels)
         self.dropout = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
         self.num_labels = num_labels
         self.labels = [f"LABEL_{i}" for i in range(num_labels)]  # output names, set by add_adapter or a file
@@ -260,9 +260,9 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)  # HF: lm_head.dense
-        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # HF: lm_head.layer_norm
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # HF: lm_head.bias (lm_head.decoder is the tie)
+        self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
