@@ -8,18 +8,18 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     x ───────────┬─► up(+LoRA) C→4C ─► GELU ─► down(+LoRA) 4C→C ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
-    (row 2's x is row 1's output; a = h (Houlsby) or LayerNorm(x + h) (Pfeiffer); "(+LoRA)": a LoRA may add there)
+    (the FFN row's x is the attention row's output; a = h (Houlsby) or LN(x + h) (Pfeiffer); +LoRA: a LoRA may add)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (default f = 16, relu).
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (default f 16, relu, both kinds).
     kind "houlsby": one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
     kind "pfeiffer": one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
-    the same LayerNorm (ffn_norm) applied twice, as AdapterHub's SeqBnConfig does.
+    the same LayerNorm (ffn_norm) applied twice: AdapterHub's SeqBnConfig (original_ln_before, residual_before_ln).
   * kind "lora" (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), A: r × in, B: out × r
     (alpha/sqrt(r) with use_rslora; default r 8, alpha 16, dropout 0, on query and value). Targets → slots: query,
     key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
 Both kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Each adapter has
-its own head; `freeze_base()` (train.py calls it) leaves only the active adapter and its head trainable (none active:
-the model's own head), all else frozen, LayerNorms and MLM head included.
+its own head. Everything trains until `freeze_base()` (train.py calls it); then only the active adapter `n` trains:
+its modules in every slot (`...{slot}.n.*`) and `heads.n.*`, or with none active the model's own `head`; no LayerNorm.
 
 A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
 self.ffn_norm)` is the formula above. Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
@@ -29,11 +29,12 @@ self.ffn_norm)` is the formula above. Hugging Face names → ours (weights.HF_TO
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
     classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
     dropped: pooler.*, position_ids, lm_head.decoder.weight (= embed.tok.weight), lm_head.decoder.bias (= mlm.bias)
-(.weight and .bias alike). Other keys are errors, and so are missing tensors; classifier.* and lm_head.* are optional.
+(.weight and .bias alike; lm_head.bias is bare.) Unknown or missing tensors: errors; classifier.*, lm_head.* optional.
 
-Precision, one rule: the frozen base's matmul and embedding weights may be bf16; all else (residual stream, norms,
-adapters, LoRAs, heads) is float32. `K.Linear`/`K.linear(x, w)` compute in w's dtype, `K.LayerNorm`/`K.Embedding`
-return float32, bf16 + float32 is float32, and one cast (in SelfAttention) keeps q, k, v in the base's dtype.
+Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, MLM dense and bias) may
+be bf16; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads) and every output are float32.
+`K.Linear` is nn.Linear (weight (out, in): y = x Wᵀ + b) computing in its weight's dtype, like `K.linear(x, w, b)`;
+`K.LayerNorm`/`K.Embedding` return float32; bf16 + float32 is float32; SelfAttention casts q, k, v to the base's.
 """
 
 from __future__ import annotations
@@ -48,16 +49,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roberta_lite import adapters, formats
-from roberta_lite import kernels as K
-from roberta_lite import weights as W
+from roberta_lite import adapters, formats, kernels as K, weights as W
 from roberta_lite.adapters import AdapterConfig, Route
 
 
 @dataclass
 class Config:
     """Architecture. Defaults are roberta-base (roberta-large: hidden 1024, 24 layers, 16 heads, ffn 4096; nothing
-    else changes). `from_hf` reads a checkpoint's config.json, with the key names in weights.HF_CONFIG_KEYS."""
+    else changes). `from_hf` reads a checkpoint's config.json, renaming num_hidden_layers, num_attention_heads,
+    intermediate_size, max_position_embeddings, pad_token_id, hidden_dropout_prob, attention_probs_dropout_prob."""
 
     vocab_size: int = 50265
     hidden_size: int = 768  # C
@@ -82,7 +82,7 @@ class Config:
         return self.max_positions - self.pad_id - 1
 
 
-class Zero:  # what an empty Slot returns: t + ZERO and ZERO + t are t itself (no kernel, no copy, no graph node)
+class Zero:  # an empty Slot's sum: t + ZERO and ZERO + t are t (torch gives up on a foreign type, so __radd__ runs)
     __add__ = __radd__ = lambda self, t: t
 
 
@@ -91,9 +91,9 @@ ZERO = Zero()
 
 class Slot(nn.ModuleDict):
     """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route, once per forward) says
-    which adapter each example uses: route.groups = [(name, its examples' indices or None for all)], disjoint, e.g.
-    [("sst", tensor([0, 2])), ("nli", tensor([1]))], route.batch 3. Sums the terms of those with a module here,
-    else ZERO. A non-tensor input (the norm) goes to each adapter as it is."""
+    which adapter each example uses (each names one): route.groups = [(name, its examples' indices, or None for
+    all)], e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))], route.batch 3. Returns the sum of the terms of the
+    adapters with a module here, else ZERO. A non-tensor input (the norm) goes to each adapter as it is."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -110,7 +110,7 @@ class Slot(nn.ModuleDict):
 class Adapter(nn.Module):
     """Bottleneck adapter: returns its own term A(a) = up(act(down(a))); the layer adds it to x + h."""
 
-    def __init__(self, hidden_size: int, cfg: AdapterConfig, std: float = 0.02):
+    def __init__(self, hidden_size: int, cfg: AdapterConfig, std: float):  # std: Config.initializer_range
         super().__init__()
         self.down = K.Linear(hidden_size, hidden_size // cfg.reduction_factor)
         self.up = K.Linear(hidden_size // cfg.reduction_factor, hidden_size)
@@ -170,11 +170,11 @@ class SelfAttention(nn.Module):
                 rows: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
-        # One slot holds QKVLoRAs; the cast keeps q, k, v in the base's dtype (a float32 LoRA term promotes them).
+        # The slot holds one QKVLoRA per adapter; the cast keeps q, k, v in the base's dtype (a LoRA term is float32).
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         q = q[:, :, :rows]  # only the first `rows` tokens ask (all when None); all T keys and values answer
-        # softmax(q k^T / sqrt(C/H)) v over the unmasked keys (mask: (B, 1, 1, T)); K picks the fastest kernel.
+        # softmax(q k^T / sqrt(C/H)) v; the (B, 1, 1, T) mask hides padding keys from every query. K: fastest kernel.
         y = K.attention(q, k, v, mask, self.dropout, self.training)  # (B, H, Tq, C/H)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, Tq, C): the heads side by side again
         return self.proj(y) + self.proj_lora(route, y)
@@ -230,7 +230,7 @@ class Embeddings(nn.Module):
         # RoBERTa quirk (fairseq's): padding owns position row pad_id and real tokens are numbered after it, from
         # pad_id + 1 (rows below unused), as the table was trained; a 512-token text uses rows 2..513 of 514. Only
         # real tokens count, so padding's side does not move positions (but pad on the right: the head reads x[:, 0]).
-        real = (ids != self.pad_id).int()  # (B, T)
+        real = (ids != self.pad_id).int()  # (B, T); from the ids, not attention_mask, as in transformers
         pos = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
         # Every token is segment 0: RoBERTa dropped BERT's sentence-pair embedding, but the table is kept.
         x = self.tok(ids) + self.pos(pos) + self.token_type(ids.new_zeros(1))  # (B, T, C); segment row: (1, C)
@@ -266,7 +266,7 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
-        return K.linear(x, embedding, self.bias)  # (B, T, vocab)
+        return K.linear(x, embedding, self.bias).float()  # (B, T, vocab), float32 even from a bf16 base
 
 
 class Model(adapters.AdapterMethods, nn.Module):
@@ -285,7 +285,7 @@ class Model(adapters.AdapterMethods, nn.Module):
         self.adapter_configs: dict[str, AdapterConfig] = {}  # adapter name -> config, in the order added
         self.active_adapter: str | None = None
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
-        # BERT's init, for what no checkpoint gives: normal(0, std) weights, zero biases, LayerNorms 1 and 0.
+        # BERT's init for what no checkpoint gives (new heads; no zeroed pad row): normal(0, std), zero bias, norms 1, 0
         self.apply(partial(W.init_fresh, std=config.initializer_range))
         if adapter is not None:
             self.add_adapter("default", adapter)
@@ -305,7 +305,7 @@ class Model(adapters.AdapterMethods, nn.Module):
         return adapters.classify(self, route, self._encode(input_ids, attention_mask, route, rows=1))
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Masked-LM logits (B, T, vocab) over every position."""
+        """Masked-LM logits (B, T, vocab), float32, over every position."""
         if self.mlm is None:
             raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* in its file)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
@@ -337,7 +337,7 @@ class Model(adapters.AdapterMethods, nn.Module):
                         adapter: AdapterConfig | str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, **kwargs) -> "Model":
         """A transformers RoBERTa checkpoint (directory or hub id); dtype=torch.bfloat16: the fast frozen base.
-        num_labels None: the checkpoint classifier's (its weights kept), or 2 if it has none (a random head)."""
+        num_labels None: the checkpoint classifier's (weights kept), or 2 if it has none; another number: a new head."""
         return W.load_pretrained(cls, name_or_path, num_labels, adapter, dtype, device, **kwargs)
 
     def save_adapter(self, directory: str | os.PathLike, name: str | None = None, format: str = "roberta_lite"):

@@ -387,6 +387,8 @@ def test_mlm_logits_without_lm_head(model, ckpts):
     assert str(ckpts["base"]) in msg
     # and a checkpoint with lm_head.* has one
     assert Model.from_pretrained(ckpts["mlm"]).mlm_logits(ids).shape == (1, 4, 99)
+    # a bf16 base (MLM dense, bias and tied decoder in bf16) still returns float32 logits, as model.py says
+    assert Model.from_pretrained(ckpts["mlm"], dtype=torch.bfloat16).mlm_logits(ids).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- adapters
