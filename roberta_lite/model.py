@@ -10,31 +10,32 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     (the FFN row's x is the attention row's output; a = h (Houlsby) or LN(x + h) (Pfeiffer); +LoRA: a LoRA may add)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C (default f 16, relu, both kinds).
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C; our default f 16 and relu for
+    both kinds (AdapterHub's Houlsby preset uses swish; an adapter loaded from a file keeps the file's activation).
     kind "houlsby": one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
     kind "pfeiffer": one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
-    the same LayerNorm (ffn_norm) applied twice: AdapterHub's SeqBnConfig (original_ln_before, residual_before_ln).
+    the same LayerNorm (ffn_norm) twice; AdapterHub's SeqBnConfig says it with original_ln_before (A reads
+    LN(x + h)), residual_before_ln (A's residual is h) and original_ln_after (LN(· + x) at the end).
   * kind "lora" (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), A: r × in, B: out × r
     (alpha/sqrt(r) with use_rslora; default r 8, alpha 16, dropout 0, on query and value). Targets → slots: query,
     key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
-Both kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Each adapter has
-its own head. Everything trains until `freeze_base()` (train.py calls it); then only the active adapter `n` trains:
+All kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Each adapter has
+its own head. Everything trains until `freeze_base()` (train.py always calls it), then only the active adapter `n`:
 its modules in every slot (`...{slot}.n.*`) and `heads.n.*`, or with none active the model's own `head`; no LayerNorm.
 
-A bottleneck slot gets (h, x, norm) and each kind picks what it reads: `x + h + self.ffn_adapter(route, h, x,
-self.ffn_norm)` is the formula above. Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
+Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm → embed.{tok,pos,token_type}, embed.norm
     encoder.layer.{i}.attention.self.{query,key,value} → rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
     encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
     classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
-    dropped: pooler.*, position_ids, lm_head.decoder.weight (= embed.tok.weight), lm_head.decoder.bias (= mlm.bias)
+    dropped: pooler.*, position_ids, token_type_ids, lm_head.decoder.{weight,bias} (tied: embed.tok.weight, mlm.bias)
 (.weight and .bias alike; lm_head.bias is bare.) Unknown or missing tensors: errors; classifier.*, lm_head.* optional.
 
 Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, MLM dense and bias) may
-be bf16; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads) and every output are float32.
-`K.Linear` is nn.Linear (weight (out, in): y = x Wᵀ + b) computing in its weight's dtype, like `K.linear(x, w, b)`;
-`K.LayerNorm`/`K.Embedding` return float32; bf16 + float32 is float32; SelfAttention casts q, k, v to the base's.
+be bf16; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads) and every returned tensor is
+float32. `K.Linear` is nn.Linear (weight (out, in): y = x Wᵀ + b) casting x to its weight's dtype and returning that
+dtype, as `K.linear(x, w, b)` does; `K.LayerNorm`/`K.Embedding` return float32; bf16 + float32 is float32.
 """
 
 from __future__ import annotations
@@ -56,20 +57,19 @@ from roberta_lite.adapters import AdapterConfig, Route
 @dataclass
 class Config:
     """Architecture. Defaults are roberta-base (roberta-large: hidden 1024, 24 layers, 16 heads, ffn 4096; nothing
-    else changes). `from_hf` reads a checkpoint's config.json, renaming num_hidden_layers, num_attention_heads,
-    intermediate_size, max_position_embeddings, pad_token_id, hidden_dropout_prob, attention_probs_dropout_prob."""
+    else changes). `from_hf` reads config.json: each field by its own name or its "HF:" one; hidden_act must be gelu."""
 
     vocab_size: int = 50265
     hidden_size: int = 768  # C
-    num_layers: int = 12
-    num_heads: int = 12  # must divide C: heads of 64 in roberta-base
-    ffn_size: int = 3072  # 4C
-    max_positions: int = 514  # 512 + (pad_id + 1) reserved rows: row pad_id is padding's, those below unused
+    num_layers: int = 12  # HF: num_hidden_layers
+    num_heads: int = 12  # HF: num_attention_heads; must divide C: heads of 64 in roberta-base
+    ffn_size: int = 3072  # HF: intermediate_size; 4C
+    max_positions: int = 514  # HF: max_position_embeddings; 512 + pad_id + 1 (rows 0..pad_id: see Embeddings)
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
     layer_norm_eps: float = 1e-5  # RoBERTa's; BERT uses 1e-12
-    pad_id: int = 1  # <pad> in roberta-base's vocabulary; it also sets where positions start
-    dropout: float = 0.1  # hidden states, after embeddings and after each sublayer
-    attention_dropout: float = 0.1  # attention probabilities
+    pad_id: int = 1  # HF: pad_token_id; <pad> in roberta-base's vocabulary; it also sets where positions start
+    dropout: float = 0.1  # HF: hidden_dropout_prob; hidden states, after embeddings and after each sublayer
+    attention_dropout: float = 0.1  # HF: attention_probs_dropout_prob; on the attention probabilities
     classifier_dropout: float | None = None  # None: use `dropout`
     initializer_range: float = 0.02  # std of fresh (head/adapter) weights, as the checkpoint was trained with
 
@@ -82,7 +82,7 @@ class Config:
         return self.max_positions - self.pad_id - 1
 
 
-class Zero:  # an empty Slot's sum: t + ZERO and ZERO + t are t (torch gives up on a foreign type, so __radd__ runs)
+class Zero:  # an empty Slot's sum: t + ZERO is t (Tensor.__add__(ZERO) returns NotImplemented, so __radd__ runs)
     __add__ = __radd__ = lambda self, t: t
 
 
@@ -90,14 +90,13 @@ ZERO = Zero()
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route, once per forward) says
-    which adapter each example uses (each names one): route.groups = [(name, its examples' indices, or None for
-    all)], e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))], route.batch 3. Returns the sum of the terms of the
-    adapters with a module here, else ZERO. A non-tensor input (the norm) goes to each adapter as it is."""
+    """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route) gives each example's
+    adapter: route.groups = [(name, its examples' indices or None for all)], e.g. [("sst", tensor([0, 2])), ("nli",
+    tensor([1]))], route.batch 3. Sums the terms of those with a module here, else ZERO; the norm is passed as is."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
-        for name, examples in (route.groups if route is not None else []):  # route None: no adapter in use
+        for name, examples in (route.groups if route is not None else []):  # None: no adapter named, none active
             if name in self and examples is None:  # the whole batch uses this adapter
                 out = out + self[name](*inputs)
             elif name in self:  # a mixed batch: run the adapter on its examples, add its term to their rows only
@@ -174,7 +173,7 @@ class SelfAttention(nn.Module):
         qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         q = q[:, :, :rows]  # only the first `rows` tokens ask (all when None); all T keys and values answer
-        # softmax(q k^T / sqrt(C/H)) v; the (B, 1, 1, T) mask hides padding keys from every query. K: fastest kernel.
+        # softmax(q k^T / sqrt(C/H)) v; the (B, 1, 1, T) mask (True = attend) hides padding keys from every query.
         y = K.attention(q, k, v, mask, self.dropout, self.training)  # (B, H, Tq, C/H)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, Tq, C): the heads side by side again
         return self.proj(y) + self.proj_lora(route, y)
@@ -227,8 +226,8 @@ class Embeddings(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # RoBERTa quirk (fairseq's): padding owns position row pad_id and real tokens are numbered after it, from
-        # pad_id + 1 (rows below unused), as the table was trained; a 512-token text uses rows 2..513 of 514. Only
+        # RoBERTa quirk (fairseq's): padding owns position row pad_id (its padding_idx), real tokens are numbered from
+        # pad_id + 1 (rows below unused), as the table was trained: a 512-token text uses rows 2..513 of 514. Only
         # real tokens count, so padding's side does not move positions (but pad on the right: the head reads x[:, 0]).
         real = (ids != self.pad_id).int()  # (B, T); from the ids, not attention_mask, as in transformers
         pos = torch.cumsum(real, dim=1) * real + self.pad_id  # (B, T)
@@ -285,7 +284,8 @@ class Model(adapters.AdapterMethods, nn.Module):
         self.adapter_configs: dict[str, AdapterConfig] = {}  # adapter name -> config, in the order added
         self.active_adapter: str | None = None
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
-        # BERT's init for what no checkpoint gives (new heads; no zeroed pad row): normal(0, std), zero bias, norms 1, 0
+        # BERT's init for what no checkpoint gives: normal(0, std), zero biases, LayerNorms 1 and 0; no zeroed pad row
+        # (transformers zeroes it; checkpoints fill the embeddings anyway). Adapters, added later, init themselves.
         self.apply(partial(W.init_fresh, std=config.initializer_range))
         if adapter is not None:
             self.add_adapter("default", adapter)

@@ -166,6 +166,11 @@ def config_fields(d: dict, source: str, config_cls: type) -> dict:
     act = d.get("hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"{source}: hidden_act {act!r} is not supported (RoBERTa uses exact 'gelu')")
+    positions = d.get("position_embedding_type", "absolute")
+    if positions != "absolute":
+        raise ValueError(f"{source}: position_embedding_type {positions!r} is not supported (only 'absolute')")
+    if d.get("is_decoder"):  # a causal-LM RoBERTa masks future tokens; this model attends both ways
+        raise ValueError(f"{source}: is_decoder true is not supported (this model is the bidirectional encoder)")
     for key in HF_CONFIG_REQUIRED:
         if key not in d:
             raise ValueError(f"{source}: required key {key!r} is missing")

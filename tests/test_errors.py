@@ -166,13 +166,15 @@ def test_unsupported_model_type(ckpts, tmp_path):
     assert "model_type" in msg and "gpt2" in msg and "config.json" in msg
 
 
-def test_unsupported_hidden_act(ckpts, tmp_path):
+@pytest.mark.parametrize("key, value", [("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key"),
+                                        ("is_decoder", True)])
+def test_unsupported_architecture(key, value, ckpts, tmp_path):
     d = copy_ckpt(ckpts["base"], tmp_path)
-    edit_config(d, hidden_act="gelu_new")
+    edit_config(d, **{key: value})
     with pytest.raises(ValueError) as ei:
         Model.from_pretrained(str(d))
     msg = str(ei.value)
-    assert "hidden_act" in msg and "gelu_new" in msg and "config.json" in msg
+    assert key in msg and str(value).lower() in msg.lower() and "config.json" in msg
 
 
 @pytest.mark.parametrize("key", ["num_attention_heads", "vocab_size", "max_position_embeddings"])
