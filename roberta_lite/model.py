@@ -8,20 +8,20 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     x ───────────┬─► up(+LoRA) C→4C ─► GELU ─► down(+LoRA) 4C→C ─► dropout ─► h ─┬─► A_ffn(a) ───┐  Houlsby, Pfeiffer
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
-    (the FFN row's x is the attention row's output; a = h (Houlsby) or LN(x + h) (Pfeiffer); +LoRA: a LoRA may add)
+    (the FFN row's x is the attention row's output; a = h (Houlsby) or LN(x + h) (Pfeiffer, FFN row only); +LoRA: below)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C; our default f 16 and relu for
-    both kinds (AdapterHub's Houlsby preset uses swish; an adapter loaded from a file keeps the file's activation).
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C; AdapterConfig defaults f
+    (reduction_factor) 16, activation "relu" (or gelu: erf, gelu_new: tanh, swish = silu, tanh; files keep their own).
     kind "houlsby": one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
     kind "pfeiffer": one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
-    the same LayerNorm (ffn_norm) twice; AdapterHub's SeqBnConfig says it with original_ln_before (A reads
-    LN(x + h)), residual_before_ln (A's residual is h) and original_ln_after (LN(· + x) at the end).
+    the same LayerNorm (ffn_norm) twice: AdapterHub's SeqBnConfig (original_ln_before=True, residual_before_ln=True).
   * kind "lora" (Hu et al. 2021): a frozen projection W x becomes W x + (alpha/r) B A dropout(x), A: r × in, B: out × r
-    (alpha/sqrt(r) with use_rslora; default r 8, alpha 16, dropout 0, on query and value). Targets → slots: query,
+    (alpha/sqrt(r) with use_rslora; defaults r 8, alpha 16, dropout 0, targets query and value). Target → slot: query,
     key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
-All kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Each adapter has
-its own head. Everything trains until `freeze_base()` (train.py always calls it), then only the active adapter `n`:
-its modules in every slot (`...{slot}.n.*`) and `heads.n.*`, or with none active the model's own `head`; no LayerNorm.
+All kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Everything trains
+until `freeze_base()` (train.py calls it), then only the active adapter `n`: its modules (e.g.
+layers.0.ffn_adapter.n.up.weight, layers.0.attn.qkv_lora.n.value.B) and its own head (heads.n.*), or with none active
+the model's own `head`. LayerNorms are frozen too (Houlsby et al. tuned them; AdapterHub and peft do not).
 
 Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm → embed.{tok,pos,token_type}, embed.norm
@@ -29,13 +29,14 @@ Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
     classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
-    dropped: pooler.*, position_ids, token_type_ids, lm_head.decoder.{weight,bias} (tied: embed.tok.weight, mlm.bias)
-(.weight and .bias alike; lm_head.bias is bare.) Unknown or missing tensors: errors; classifier.*, lm_head.* optional.
+    dropped unread: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (assumed = embed.tok.weight, mlm.bias)
+(.weight, .bias alike; lm_head.bias is a tensor.) Unknown or missing tensors: errors; classifier.*, lm_head.* optional.
 
-Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, MLM dense and bias) may
-be bf16; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads) and every returned tensor is
-float32. `K.Linear` is nn.Linear (weight (out, in): y = x Wᵀ + b) casting x to its weight's dtype and returning that
-dtype, as `K.linear(x, w, b)` does; `K.LayerNorm`/`K.Embedding` return float32; bf16 + float32 is float32.
+Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense, mlm.bias) are
+bf16 when from_pretrained's dtype says so; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads)
+and every returned tensor is float32. `K.Linear` (nn.Linear: weight (out, in), y = x Wᵀ + b) and `K.linear(x, w, b)`
+cast x to the weight's dtype and return that dtype; `K.LayerNorm`/`K.Embedding` return float32. A float32 LoRA term
+makes its sum float32; only qkv's is cast back, so attention runs in the base's dtype.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -57,14 +57,15 @@ from roberta_lite.adapters import AdapterConfig, Route
 @dataclass
 class Config:
     """Architecture. Defaults are roberta-base (roberta-large: hidden 1024, 24 layers, 16 heads, ffn 4096; nothing
-    else changes). `from_hf` reads config.json: each field by its own name or its "HF:" one; hidden_act must be gelu."""
+    else changes). `from_hf` reads config.json by W.HF_CONFIG_KEYS: the "HF:" names below, else the field's name;
+    other keys are ignored, but hidden_act must be gelu and position_embedding_type absolute (else an error)."""
 
     vocab_size: int = 50265
     hidden_size: int = 768  # C
     num_layers: int = 12  # HF: num_hidden_layers
     num_heads: int = 12  # HF: num_attention_heads; must divide C: heads of 64 in roberta-base
     ffn_size: int = 3072  # HF: intermediate_size; 4C
-    max_positions: int = 514  # HF: max_position_embeddings; 512 + pad_id + 1 (rows 0..pad_id: see Embeddings)
+    max_positions: int = 514  # HF: max_position_embeddings; 512 + pad_id + 1 (rows 0..pad_id: never a real token's)
     type_vocab_size: int = 1  # RoBERTa has no sentence-B embedding; the table is kept for checkpoint fidelity
     layer_norm_eps: float = 1e-5  # RoBERTa's; BERT uses 1e-12
     pad_id: int = 1  # HF: pad_token_id; <pad> in roberta-base's vocabulary; it also sets where positions start
@@ -82,17 +83,17 @@ class Config:
         return self.max_positions - self.pad_id - 1
 
 
-class Zero:  # an empty Slot's sum: t + ZERO is t (Tensor.__add__(ZERO) returns NotImplemented, so __radd__ runs)
-    __add__ = __radd__ = lambda self, t: t
+class Zero:  # what an empty Slot returns: t + ZERO is t itself, where t + 0 would run a kernel and copy t
+    __add__ = __radd__ = lambda self, t: t  # t + ZERO: Tensor.__add__ returns NotImplemented, so __radd__ runs
 
 
 ZERO = Zero()
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: name -> module, filled by add_adapter. `route` (make_route) gives each example's
-    adapter: route.groups = [(name, its examples' indices or None for all)], e.g. [("sst", tensor([0, 2])), ("nli",
-    tensor([1]))], route.batch 3. Sums the terms of those with a module here, else ZERO; the norm is passed as is."""
+    """Where adapters may sit: name -> module, filled by add_adapter. route (an adapters.Route, from make_route):
+    route.groups = [(name, indices)], each example in one group, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))];
+    route.batch = B (here 3); indices None: the whole batch; route None: no adapter. Sums those with a module here."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -116,7 +117,7 @@ class Adapter(nn.Module):
         self.act = adapters.ACTIVATIONS[cfg.activation]
         self.reads_sum = cfg.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
-        for t in (self.down.bias, self.up.weight, self.up.bias):  # zero up: a fresh adapter adds nothing (Houlsby §2.1)
+        for t in (self.down.bias, self.up.weight, self.up.bias):  # zero up: a fresh adapter adds exactly nothing
             nn.init.zeros_(t)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -136,7 +137,7 @@ class LoRA(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = K.dropout(x, self.dropout, self.training)
+        x = K.dropout(x, self.dropout, self.training)  # = F.dropout(x, p, training), cheaper on CPU
         return K.linear(K.linear(x, self.A), self.B) * self.scale  # (B, T, in) -> (B, T, r) -> (B, T, out)
 
 
@@ -169,8 +170,7 @@ class SelfAttention(nn.Module):
                 rows: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C): query | key | value
-        # The slot holds one QKVLoRA per adapter; the cast keeps q, k, v in the base's dtype (a LoRA term is float32).
-        qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)
+        qkv = (qkv + self.qkv_lora(route, x)).to(qkv.dtype)  # a QKVLoRA per adapter; cast back (docstring: Precision)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         q = q[:, :, :rows]  # only the first `rows` tokens ask (all when None); all T keys and values answer
         # softmax(q k^T / sqrt(C/H)) v; the (B, 1, 1, T) mask (True = attend) hides padding keys from every query.
@@ -193,7 +193,8 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """One encoder layer: the picture at the top of this file."""
+    """One encoder layer: the picture at the top of this file. forward's `rows`: compute only the first `rows`
+    tokens' outputs (each still attends to all); None: every token."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -207,9 +208,8 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
-        """rows: compute only the first `rows` tokens' outputs (each still attends to all); None: every token."""
         h = K.dropout(self.attn(x, mask, route, rows), self.dropout, self.training)  # (B, rows or T, C)
-        x = x[:, :rows]  # the residual stream (float32; h: the base's dtype, or float32 with LoRA) keeps these rows
+        x = x[:, :rows]  # the residual stream (float32) keeps only the rows computed (all when rows is None)
         x = self.attn_norm(x + h + self.attn_adapter(route, h, x, self.attn_norm))  # post-LN: norm after the add
         h = K.dropout(self.ffn(x, route), self.dropout, self.training)
         return self.ffn_norm(x + h + self.ffn_adapter(route, h, x, self.ffn_norm))  # (B, rows or T, C)
@@ -284,9 +284,9 @@ class Model(adapters.AdapterMethods, nn.Module):
         self.adapter_configs: dict[str, AdapterConfig] = {}  # adapter name -> config, in the order added
         self.active_adapter: str | None = None
         self.name_or_path = ""  # where the base weights came from, recorded with adapters
-        # BERT's init for what no checkpoint gives: normal(0, std), zero biases, LayerNorms 1 and 0; no zeroed pad row
-        # (transformers zeroes it; checkpoints fill the embeddings anyway). Adapters, added later, init themselves.
-        self.apply(partial(W.init_fresh, std=config.initializer_range))
+        # BERT's init for what no checkpoint gives: Linear and Embedding weights normal(0, std), Linear biases 0,
+        # LayerNorms 1 and 0 (no zeroed pad row: checkpoints fill embeddings). Adapters, added later, init themselves.
+        self.apply(lambda module: W.init_fresh(module, config.initializer_range))
         if adapter is not None:
             self.add_adapter("default", adapter)
 
@@ -312,8 +312,8 @@ class Model(adapters.AdapterMethods, nn.Module):
 
     def _encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, route: Route | None,
                 rows: int | None = None) -> torch.Tensor:
-        # (B, 1, 1, T), True = attend; None if attention_mask is None or all ones: all tokens, padding too, are then
-        # attended, as in transformers. Also checks that ids are in the vocabulary and at most max_tokens long.
+        # (B, 1, 1, T), True = attend, from attention_mask alone (not the ids); None if it is None or all ones: then
+        # every token, padding too, is attended, as in transformers. Also checks ids: in the vocabulary, T ≤ max_tokens.
         mask = K.attention_mask(self.config, ids, attention_mask)
         x = self.embed(ids)  # (B, T, C)
         for layer in self.layers[:-1]:
@@ -324,12 +324,12 @@ class Model(adapters.AdapterMethods, nn.Module):
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
                     task: str = "classification", replace: bool = False) -> "Model":
         """Add a fresh adapter `name` (the identity until trained) with its own classification head, and make it
-        active. The head starts as a copy of the model's own classifier unless num_labels is given."""
+        active. The head starts as a copy of the model's own classifier; with num_labels, a fresh one (BERT's init)."""
         adapters.add(self, name, config, num_labels, labels, task, replace)
         return self
 
     def freeze_base(self) -> str:
-        """Train only the active adapter and its head; LayerNorms and all else stay frozen. Returns a summary."""
+        """Train only the active adapter and its head (none active: `head`), nothing else. Returns a summary."""
         return adapters.freeze_base(self)
 
     @classmethod
