@@ -10,8 +10,8 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
                  └─────────────────────────────────────────────────────────► x + h ───────────► (+) ─► LayerNorm ─► x
     (the FFN row's x is the attention row's output; a = h (Houlsby) or LN(x + h) (Pfeiffer, FFN row only); +LoRA: below)
 
-  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C; AdapterConfig defaults f
-    (reduction_factor) 16, activation "relu" (or gelu: erf, gelu_new: tanh, swish = silu, tanh; files keep their own).
+  * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C; AdapterConfig's defaults, both
+    kinds: f (reduction_factor) 16, activation "relu" (AdapterHub's Houlsby preset: swish; a loaded file's own wins).
     kind "houlsby": one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
     kind "pfeiffer": one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
     the same LayerNorm (ffn_norm) twice: AdapterHub's SeqBnConfig (original_ln_before=True, residual_before_ln=True).
@@ -28,9 +28,9 @@ Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     encoder.layer.{i}.attention.self.{query,key,value} → rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
     encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
-    classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
-    dropped unread: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (assumed = embed.tok.weight, mlm.bias)
-(.weight, .bias alike; lm_head.bias is a tensor.) Unknown or missing tensors: errors; classifier.*, lm_head.* optional.
+    classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm} → mlm.{dense,norm}
+    lm_head.bias → mlm.bias;  dropped, never compared: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (tied)
+(.weight, .bias alike). Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
 
 Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense, mlm.bias) are
 bf16 when from_pretrained's dtype says so; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads)
@@ -91,9 +91,9 @@ ZERO = Zero()
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters may sit: name -> module, filled by add_adapter. route (an adapters.Route, from make_route):
-    route.groups = [(name, indices)], each example in one group, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))];
-    route.batch = B (here 3); indices None: the whole batch; route None: no adapter. Sums those with a module here."""
+    """Where adapters may sit: name -> module, filled by add_adapter. route (adapters.Route, from make_route): its
+    groups = [(name, indices)] put each example in one group, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))]
+    for batch = 3; indices None: all. route None: no adapter in use. Sums the terms of names with a module here."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -329,7 +329,7 @@ class Model(adapters.AdapterMethods, nn.Module):
         return self
 
     def freeze_base(self) -> str:
-        """Train only the active adapter and its head (none active: `head`), nothing else. Returns a summary."""
+        """Train only the active adapter and its head (else `head`); rerun it after switching. Returns a summary."""
         return adapters.freeze_base(self)
 
     @classmethod
