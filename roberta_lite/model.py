@@ -19,9 +19,9 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
     (alpha/sqrt(r) with use_rslora; defaults r 8, alpha 16, dropout 0, targets query and value). Target → slot: query,
     key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
 All kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Everything trains
-until `freeze_base()` (train.py calls it), then only the active adapter `n`: its modules (e.g.
+until `freeze_base()` (train.py calls it, always with an adapter), then only the active adapter `n`: its modules (e.g.
 layers.0.ffn_adapter.n.up.weight, layers.0.attn.qkv_lora.n.value.B) and its own head (heads.n.*), or with none active
-the model's own `head`. LayerNorms are frozen too (Houlsby et al. tuned them; AdapterHub and peft do not).
+the model's own `head`. Other adapters, mlm.* and LayerNorms stay frozen, as in AdapterHub and peft.
 
 Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm → embed.{tok,pos,token_type}, embed.norm
@@ -29,14 +29,14 @@ Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
     classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm} → mlm.{dense,norm}
-    lm_head.bias → mlm.bias;  dropped, never compared: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (tied)
+    lm_head.bias → mlm.bias;  dropped unchecked: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (tied)
 (.weight, .bias alike). Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
 
-Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense, mlm.bias) are
-bf16 when from_pretrained's dtype says so; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads)
-and every returned tensor is float32. `K.Linear` (nn.Linear: weight (out, in), y = x Wᵀ + b) and `K.linear(x, w, b)`
-cast x to the weight's dtype and return that dtype; `K.LayerNorm`/`K.Embedding` return float32. A float32 LoRA term
-makes its sum float32; only qkv's is cast back, so attention runs in the base's dtype.
+Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense/bias) are bf16
+when from_pretrained's dtype says so; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads) and
+every output is float32. `K.Linear` (an nn.Linear, weight (out, in)) and `K.linear(x, w, b)` cast x to the weight's
+dtype and return that dtype; `K.LayerNorm`/`K.Embedding` return float32. A float32 LoRA term makes its sum float32;
+only qkv's is cast back (for attention in the base's dtype); others meet a casting K.Linear or the residual.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ ZERO = Zero()
 class Slot(nn.ModuleDict):
     """Where adapters may sit: name -> module, filled by add_adapter. route (adapters.Route, from make_route): its
     groups = [(name, indices)] put each example in one group, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))]
-    for batch = 3; indices None: all. route None: no adapter in use. Sums the terms of names with a module here."""
+    for batch = 3 (indices None: all); route None: no adapter in use. Sums the terms of names with a module here."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -114,7 +114,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.down = K.Linear(hidden_size, hidden_size // cfg.reduction_factor)
         self.up = K.Linear(hidden_size // cfg.reduction_factor, hidden_size)
-        self.act = adapters.ACTIVATIONS[cfg.activation]
+        self.act = adapters.ACTIVATIONS[cfg.activation]  # relu, gelu (erf), gelu_new (tanh), swish = silu, tanh
         self.reads_sum = cfg.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
         for t in (self.down.bias, self.up.weight, self.up.bias):  # zero up: a fresh adapter adds exactly nothing
@@ -261,7 +261,7 @@ class MaskedLMHead(nn.Module):
         super().__init__()
         self.dense = K.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = K.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # bf16 with a bf16 base (from_pretrained's dtype)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
