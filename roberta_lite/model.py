@@ -11,7 +11,7 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
     (the FFN row's x is the attention row's output; a = h (Houlsby) or LN(x + h) (Pfeiffer, FFN row only); +LoRA: below)
 
   * Bottleneck adapter (Houlsby et al. 2019): A(a) = up(act(down(a))), C → C/f → C; AdapterConfig's defaults, both
-    kinds: f (reduction_factor) 16, activation "relu" (AdapterHub's Houlsby preset: swish; a loaded file's own wins).
+    kinds: f (reduction_factor) 16, activation "relu" (AdapterHub's Houlsby: swish); a loaded file keeps its own.
     kind "houlsby": one after each sublayer (slots attn_adapter, ffn_adapter), reading h:  x ← LN(x + h + A(h)).
     kind "pfeiffer": one after the FFN only (ffn_adapter), reading the normalised sum:  x ← LN(x + h + A(LN(x + h))),
     the same LayerNorm (ffn_norm) twice: AdapterHub's SeqBnConfig (original_ln_before=True, residual_before_ln=True).
@@ -29,7 +29,7 @@ Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
     classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm} → mlm.{dense,norm}
-    lm_head.bias → mlm.bias;  dropped unchecked: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (tied)
+    lm_head.bias → mlm.bias;  dropped unread: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (= embed.tok)
 (.weight, .bias alike). Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
 
 Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense/bias) are bf16
@@ -92,8 +92,8 @@ ZERO = Zero()
 
 class Slot(nn.ModuleDict):
     """Where adapters may sit: name -> module, filled by add_adapter. route (adapters.Route, from make_route): its
-    groups = [(name, indices)] put each example in one group, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))]
-    for batch = 3 (indices None: all); route None: no adapter in use. Sums the terms of names with a module here."""
+    groups = [(name, indices)] put each example in one group, e.g. [("sst", tensor([0, 2])), ("nli", tensor([1]))];
+    route.batch = B (here 3); indices None: all; route None: no adapter. Sums the terms of names with a module here."""
 
     def forward(self, route: Route | None, *inputs):
         out = ZERO
@@ -246,7 +246,7 @@ class ClassificationHead(nn.Module):
         self.dropout = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
         self.num_labels = num_labels
         self.labels = [f"LABEL_{i}" for i in range(num_labels)]  # output names, set by add_adapter or a file
-        self.task = "classification"  # (softmax), or "multilabel" (sigmoid per label), or "regression"
+        self.task = "classification"  # or "multilabel", "regression": the loss's kind (tasks.py); logits stay raw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = K.dropout(x[:, 0], self.dropout, self.training)  # (B, C): <s>
@@ -293,7 +293,7 @@ class Model(adapters.AdapterMethods, nn.Module):
     # Forward passes. `adapter`: None (the active one), a name, or one name per example (one pass of the base).
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                adapter: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C), float32, equal to transformers' RobertaModel(...).last_hidden_state."""
+        """Final hidden states (B, T, C), float32 (no adapter: transformers' RobertaModel(...).last_hidden_state)."""
         return self._encode(input_ids, attention_mask, adapters.make_route(self, adapter, input_ids))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
