@@ -19,7 +19,7 @@ Transformer's order; GPT-2 and later put the norm first). One layer, and where a
     (alpha/sqrt(r) with use_rslora; defaults r 8, alpha 16, dropout 0, targets query and value). Target → slot: query,
     key, value → attn.qkv_lora (one QKVLoRA); attn_out → attn.proj_lora; ffn_up, ffn_down → ffn.up_lora, .down_lora.
 All kinds add nothing at first (up and B are zero), so training starts from the pretrained model. Everything trains
-until `freeze_base()` (train.py calls it, always with an adapter), then only the active adapter `n`: its modules (e.g.
+until `freeze_base()` (train.py adds an adapter, then calls it), then only the active adapter `n`: its modules (e.g.
 layers.0.ffn_adapter.n.up.weight, layers.0.attn.qkv_lora.n.value.B) and its own head (heads.n.*), or with none active
 the model's own `head`. Other adapters, mlm.* and LayerNorms stay frozen, as in AdapterHub and peft.
 
@@ -28,15 +28,15 @@ Hugging Face names → ours (weights.HF_TO_OURS; a leading "roberta." stripped):
     encoder.layer.{i}.attention.self.{query,key,value} → rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
     encoder.layer.{i}.attention.output.{dense,LayerNorm} → layers.{i}.{attn.proj,attn_norm}
     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} → layers.{i}.{ffn.up,ffn.down,ffn_norm}
-    classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm} → mlm.{dense,norm}
-    lm_head.bias → mlm.bias;  dropped unread: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (= embed.tok)
-(.weight, .bias alike). Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
+    classifier.{dense,out_proj} → head.{dense,out};  lm_head.{dense,layer_norm,bias} → mlm.{dense,norm,bias}
+    dropped unread: pooler.*, position_ids, token_type_ids, lm_head.decoder.weight/.bias (= embed.tok.weight/mlm.bias)
+(.weight, .bias alike; lm_head.bias is a tensor.) Unknown or missing tensors: errors; classifier.*, lm_head.* optional.
 
-Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense/bias) are bf16
-when from_pretrained's dtype says so; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads) and
-every output is float32. `K.Linear` (an nn.Linear, weight (out, in)) and `K.linear(x, w, b)` cast x to the weight's
-dtype and return that dtype; `K.LayerNorm`/`K.Embedding` return float32. A float32 LoRA term makes its sum float32;
-only qkv's is cast back (for attention in the base's dtype); others meet a casting K.Linear or the residual.
+Precision, one rule: the frozen base's weights and biases (embeddings, qkv, proj, up, down, mlm.dense, mlm.bias) are
+bf16 when from_pretrained's dtype says so; all else (residual stream, LayerNorms, adapters, LoRAs, classifier heads)
+and all that encode, forward, mlm_logits return is float32. `K.Linear` (nn.Linear, weight (out, in)) and
+`K.linear(x, w, b)` cast x to the weight's dtype and return that dtype; `K.LayerNorm`/`K.Embedding` return float32. A
+float32 LoRA term makes its sum float32; only qkv's is cast back (attention runs in the base's dtype).
 """
 
 from __future__ import annotations
