@@ -103,7 +103,7 @@ class Slot(nn.ModuleDict):
             elif name in self:  # a mixed batch: run the adapter on its examples, add its term to their rows only
                 y = self[name](*(t.index_select(0, examples) if torch.is_tensor(t) else t for t in inputs))
                 out = y.new_zeros((route.batch, *y.shape[1:])) if out is ZERO else out  # (B, ...)
-                out = out.index_add(0, examples, y)
+                out = out.index_put_((examples,), y, accumulate=True)  # in place; autograd saves no y (index_add would)
         return out
 
 

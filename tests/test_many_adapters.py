@@ -548,3 +548,32 @@ def test_cli_refuses_adapters_that_cannot_run_together(which, task_dirs, capsys,
     assert err.startswith("error: --adapter ") and err.count("\n") == 1 and "Traceback" not in err
     assert second in err and s in err
     assert ("share one base" in err) == (which == "other base")
+
+
+def test_a_mixed_batch_keeps_no_more_for_backward_than_one_adapter(ckpt):
+    """Training memory: a batch mixing adapters saves for backward what the same batch with one adapter saves (the
+    adapters' inputs, nothing more). Slot's out-of-place index_add kept every adapter's output until backward and
+    allocated a new (B, T, C) sum per adapter: on roberta-base, 8 x 256, 8 Houlsby adapters, 139 MB more saved and
+    a 0.9 GB higher peak than one adapter."""
+    model = Model.from_pretrained(ckpt)
+    for name in ("a", "b", "c"):
+        model.add_adapter(name, "houlsby")
+    model.train().set_dropout(hidden=0.0, attention=0.0)
+    ids, mask = inputs(6)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(adapter):
+        seen = {}
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key not in params:
+                seen[key] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.encode(ids, mask, adapter=adapter).sum()
+        return sum(seen.values())
+
+    one, mixed = saved_bytes("a"), saved_bytes(["a", "b", "c", "a", "b", "c"])
+    assert mixed <= one + 1024, (mixed, one)  # + the routes' index tensors, a few bytes each
