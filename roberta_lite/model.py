@@ -57,8 +57,8 @@ from roberta_lite.adapters import AdapterConfig, Route
 @dataclass
 class Config:
     """Architecture. Defaults are roberta-base (roberta-large: hidden 1024, 24 layers, 16 heads, ffn 4096; nothing
-    else changes). `from_hf` reads config.json by W.HF_CONFIG_KEYS: the "HF:" names below, else the field's name;
-    other keys are ignored, but hidden_act must be gelu and position_embedding_type absolute (else an error)."""
+    else changes). `from_hf` reads config.json by W.HF_CONFIG_KEYS ("HF:" names below, else the field's name); other
+    keys are ignored, but hidden_act must be gelu, position_embedding_type absolute, is_decoder false (else errors)."""
 
     vocab_size: int = 50265
     hidden_size: int = 768  # C
