@@ -213,9 +213,12 @@ def add(model: "Model", name, cfg, num_labels: int | None, labels: Sequence[str]
         raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     modules = build(model.config, cfg)  # validates before anything changes
     device = model.embed.tok.weight.device
+    if num_labels is None and labels is not None and len(labels) != model.head.num_labels:
+        num_labels = len(labels)  # names for another number of outputs than the model's classifier has: a new head
     if num_labels is None:  # start from the model's own classifier: its trained weights if the checkpoint had one
         head = copy.deepcopy(model.head)
         head.task = task
+        head.labels = list(head.labels if labels is None else labels)
     else:
         head = new_head(model, num_labels, labels, task)
     if name in model.adapter_configs:
@@ -336,7 +339,8 @@ def merge(model: "Model", name: str | None):
                          f"LoRA can be merged (a bottleneck adapter's activation cannot be folded into a matrix)")
     if model.merged_adapter is not None:
         raise RuntimeError(f"merge_adapter: {model.merged_adapter!r} is already merged; unmerge_adapter() first")
-    model.base_fingerprint()  # of the unmerged base, so adapters saved while merged still name their real base
+    for version in (1, 2):  # of the unmerged base, so adapters saved while merged still name their real base
+        model.base_fingerprint(version)
     saved = {}
     for linear, lora, rows in lora_modules(model, name):
         w = linear.weight
@@ -369,7 +373,7 @@ class AdapterMethods:
 
     merged_adapter: str | None = None  # a LoRA folded into the base weights (merge_adapter)
     _unmerge: list = []  # (weight, its value before merging), to unmerge bit for bit
-    _fingerprint: str | None = None  # base_fingerprint(), computed once
+    _fingerprints: dict[int, str] = {}  # base_fingerprint(version), each computed once
     _active: str | None = None
 
     @property
@@ -445,8 +449,9 @@ class AdapterMethods:
         self.config.attention_dropout = self.config.attention_dropout if attention is None else attention
         return self
 
-    def base_fingerprint(self) -> str:
-        """A hash of the frozen base weights, recorded in adapter files to catch loading onto another base."""
-        if self._fingerprint is None:
-            self._fingerprint = W.fingerprint(self)
-        return self._fingerprint
+    def base_fingerprint(self, version: int = W.FINGERPRINT_VERSION) -> str:
+        """A hash of the frozen encoder's weights (weights.fingerprint), recorded in adapter files to catch loading
+        onto another base; `version` 1 is the older hash, which also covered the MLM head."""
+        if version not in self._fingerprints:
+            self._fingerprints = {**self._fingerprints, version: W.fingerprint(self, version)}
+        return self._fingerprints[version]

@@ -59,7 +59,9 @@ def shared_base(sources: list[str | os.PathLike], metas: list[dict]) -> str | No
         seen[where] = str(src)
     first = metas[0]
     for src, meta in zip(sources[1:], metas[1:]):
-        if meta.get("base_fingerprint") != first.get("base_fingerprint"):
+        # files of two fingerprint versions (weights.fingerprint) are checked against the model when it loads them
+        same_version = meta.get("fingerprint_version", 1) == first.get("fingerprint_version", 1)
+        if same_version and meta.get("base_fingerprint") != first.get("base_fingerprint"):
             raise IncompatibleAdapters(
                 f"--adapter {src} was trained on base {meta.get('base_model')!r} (fingerprint "
                 f"{meta.get('base_fingerprint')}), --adapter {sources[0]} on {first.get('base_model')!r} (fingerprint "

@@ -388,16 +388,24 @@ def init_fresh(module: torch.nn.Module, std: float):
         torch.nn.init.zeros_(module.bias)
 
 
-def fingerprint(model: "Model") -> str:
+FINGERPRINT_VERSION = 2  # recorded beside the fingerprint in our adapter files; files without it hold version 1
+
+
+def fingerprint(model: "Model", version: int = FINGERPRINT_VERSION) -> str:
     """Identifies the frozen base weights, whatever their dtype: a hash of names, shapes and a strided sample of
-    each tensor rounded to bf16 (so a bf16-loaded base has the fingerprint of its fp32 original). Adapters and
-    heads are left out."""
+    each tensor rounded to bf16 (so a bf16-loaded base has the fingerprint of its fp32 original).
+
+    Version 2 hashes exactly what an adapter's outputs depend on, the embeddings and the encoder layers, so one
+    encoder saved with an MLM head (RobertaForMaskedLM) and without (RobertaModel) is one base. Version 1, which
+    adapter files written before it record, also hashed mlm.*. Adapters and heads are never hashed."""
     from roberta_lite import adapters as A
 
+    if version not in (1, 2):
+        raise ValueError(f"fingerprint version {version!r}: expected 1 or 2")
     base = A.is_base(model)
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if not base.get(name, True):
+        if not base.get(name, True) or (version == 2 and not name.startswith(("embed.", "layers."))):
             continue
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).float()

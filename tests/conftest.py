@@ -57,3 +57,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent")
     return SHARED
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-bf16", "cpu-no-bf16"])
+def cpu_bf16(request, monkeypatch) -> bool:
+    """Runs a test twice, with the CPU probe behind `--precision auto` answering "native bf16" and then "none", so
+    both branches of auto are tested on whatever CPU runs the suite (AVX2-only and AVX512-BF16 machines alike)."""
+    from roberta_lite import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: request.param)
+    return request.param

@@ -184,3 +184,13 @@ def test_adapter_files_are_tiny_next_to_base(tmp_path):
     model.add_adapter("pf", AdapterConfig("pfeiffer", reduction_factor=16))
     model.freeze_base()  # the active adapter (now "pf") alone: 12 x 74,544 + the same head
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 12 * 74_544 + 592_130
+
+
+def test_add_adapter_labels_without_num_labels(tiny_roberta):
+    """labels alone name the outputs: the model's classifier copied when the count matches, else a new head."""
+    model = Model.from_pretrained(tiny_roberta)
+    model.add_adapter("a", "houlsby", labels=["neg", "pos"])
+    assert model.labels == ["neg", "pos"] and model.head.labels == ["LABEL_0", "LABEL_1"]
+    assert torch.equal(model.heads["a"].out.weight, model.head.out.weight)
+    model.add_adapter("b", "houlsby", labels=["x", "y", "z"])
+    assert model.labels == ["x", "y", "z"] and model.heads["b"].out.weight.shape[0] == 3

@@ -76,8 +76,7 @@ def test_bench_classic_fp32(capsys):
     assert "precision fp32 (--precision fp32)" in table
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bench_classic_precision_auto(native, monkeypatch):
+def test_bench_classic_precision_auto(cpu_bf16):
     """--precision auto (the default) in the roberta_lite-vs-transformers mode resolves as runtime.select_dtype
     does: bf16 rows (transformers under bf16 autocast) with native bf16, fp32 rows without; the CPU's answer is
     faked both ways, so neither case depends on this machine."""
@@ -86,9 +85,8 @@ def test_bench_classic_precision_auto(native, monkeypatch):
 
     from roberta_lite import runtime
 
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native)
     want = "bf16" if runtime.select_dtype("auto", torch.device("cpu")) == torch.bfloat16 else "fp32"
-    assert want == ("bf16" if native else "fp32")
+    assert want == ("bf16" if cpu_bf16 else "fp32")
     data = bench.main(["--config", "tiny", "--mode", "infer", "--steps", "1", "--warmup", "0", "--batch", "2",
                        "--length", "16", "--hf-attn", "sdpa", "--quiet"])
     assert data["precision"] == want and data["precision_requested"] == "auto"

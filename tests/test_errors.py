@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import roberta_lite
 from roberta_lite import AdapterConfig, CheckpointError, Model, Tokenizer
+from roberta_lite.adapters import adapter_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -422,6 +423,52 @@ def test_adapter_for_another_base(other, ckpts, adapter_a):
     msg = str(ei.value)
     assert str(ckpts["base"]) in msg and str(ckpts[other]) in msg
     assert str(adapter_a) in msg
+
+
+def test_fingerprint_covers_the_encoder_not_the_mlm_head(tmp_path):
+    """One encoder saved with an lm_head (RobertaForMaskedLM) and without (its RobertaModel) is one base: an adapter
+    trained on either loads on the other and gives the same logits; another encoder is still refused."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    with_lm = RobertaForMaskedLM(RobertaConfig(**TINY)).eval()
+    with_lm.save_pretrained(tmp_path / "withlm")
+    with_lm.roberta.save_pretrained(tmp_path / "nolm")  # the same encoder, no lm_head.* in the file
+    torch.manual_seed(1)
+    RobertaForMaskedLM(RobertaConfig(**TINY)).eval().save_pretrained(tmp_path / "other")
+    a, b = Model.from_pretrained(tmp_path / "withlm"), Model.from_pretrained(tmp_path / "nolm")
+    assert a.mlm is not None and b.mlm is None
+    assert a.base_fingerprint() == b.base_fingerprint() == Model.from_pretrained(
+        tmp_path / "withlm", dtype=torch.bfloat16).base_fingerprint()
+    assert a.base_fingerprint(1) != b.base_fingerprint(1)  # the older hash counted mlm.*
+    a.add_adapter("s", "houlsby", num_labels=3)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for _, p in adapter_tensors(a, "s"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    a.save_adapter(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "adapter_config.json").read_text())["fingerprint_version"] == 2
+    b.load_adapter(tmp_path / "s")
+    ids = ids_of([0, 5, 6, 7, 2])
+    with torch.no_grad():
+        assert torch.allclose(a(ids, adapter="s"), b(ids, adapter="s"), atol=1e-6)
+        b.save_adapter(tmp_path / "s-from-nolm")
+    Model.from_pretrained(tmp_path / "withlm").load_adapter(tmp_path / "s-from-nolm")  # and back
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        Model.from_pretrained(tmp_path / "other").load_adapter(tmp_path / "s")
+
+
+def test_adapter_files_with_the_older_fingerprint_still_load(ckpts, adapter_a, tmp_path):
+    """Files written before fingerprint version 2 record version 1's hash and no version: checked as version 1."""
+    d = copy_adapter(adapter_a, tmp_path)
+    meta = json.loads((d / "adapter_config.json").read_text())
+    base = Model.from_pretrained(ckpts["base"])
+    meta["base_fingerprint"] = base.base_fingerprint(1)
+    del meta["fingerprint_version"]
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    base.load_adapter(d)
+    with pytest.raises(CheckpointError, match=base.base_fingerprint(1)):
+        Model.from_pretrained(ckpts["base_b"]).load_adapter(d)
 
 
 def test_adapter_fingerprint_is_dtype_independent(ckpts, adapter_a):

@@ -91,6 +91,18 @@ def test_compute_metrics_per_task() -> None:
         compute_metrics("ranking", logits, np.array([1, 1]))
 
 
+def test_multilabel_threshold_is_probability_one_half() -> None:
+    """A label is predicted when sigmoid(logit) > 0.5, i.e. logit > 0: logits strictly between 0 and 0.5 count as
+    predicted (a threshold of 0.5 on the raw logit would drop them), small negative ones do not."""
+    logits = np.array([[0.3, -0.2, 0.05], [-0.4, 0.45, 0.1]])
+    target = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
+    scores = compute_metrics("multilabel", logits, target)
+    # predicted [[1, 0, 1], [0, 1, 1]]: tp 3, fp 1, fn 0; label columns F1 1, 1, 2/3; one of two rows exact
+    assert scores["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1))
+    assert scores["macro_f1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert scores["exact_match"] == pytest.approx(0.5)
+
+
 def test_against_scipy_on_random_data_with_ties() -> None:
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)

@@ -421,8 +421,6 @@ def test_hub_ids_are_reused_from_weights_dir_offline(tiny_roberta, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         runtime.resolve_base(tmp_path / "missing")
     assert runtime.select_dtype("fp32", torch.device("cpu")) == torch.float32
-    assert runtime.select_dtype("auto", torch.device("cpu")) == (
-        torch.bfloat16 if runtime.cpu_has_fast_bf16() else torch.float32)
     assert train.default_output("/x/aclImdb_v1.tar.gz", "pfeiffer") == Path("weights/adapters/aclImdb_v1-pfeiffer")
 
 
@@ -496,23 +494,32 @@ def test_ddp_device_rules(monkeypatch):
         runtime.select_device("auto", local_rank=2, world=3)
 
 
-def test_predict_sentence_pairs_regression_and_multilabel(tiny_roberta, tmp_path, capsys):
+def test_predict_sentence_pairs_regression_and_multilabel(tiny_roberta, tmp_path, capsys, cpu_bf16):
     """predict prints a score for regression, every label above 0.5 for multilabel, and encodes pairs the way
-    the tokenizer does (<s> A </s></s> B </s>): each figure equals the model's own output for that input."""
+    the tokenizer does (<s> A </s></s> B </s>): each figure equals the model's own output for that input, in the
+    precision `--precision auto` chose (run with the CPU probe answering bf16 yes, then no)."""
+    dtype = torch.bfloat16 if cpu_bf16 else torch.float32
+    assert runtime.select_dtype("auto", torch.device("cpu")) == dtype
     model = Model.from_pretrained(tiny_roberta)
     model.add_adapter("reg", "houlsby", num_labels=1, labels=["score"], task="regression")
     model.add_adapter("ml", "lora", num_labels=3, labels=["a", "b", "c"], task="multilabel")
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the adapters' weights only (the base must keep its fingerprint)
         for name in ("reg", "ml"):
             for _, p in adapter_tensors(model, name):
-                p.add_(torch.randn_like(p) * 0.5)  # outputs far from 0 / 0.5, so a wrong head or input shows
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)  # outputs far from 0 / 0.5: a wrong head shows
     model.save_adapter(tmp_path / "reg", name="reg")
     model.save_adapter(tmp_path / "ml", name="ml")
     tok = Tokenizer.from_pretrained(tiny_roberta)
     ids, mask = tok(["a great film", "dull"], ["a fine movie", "boring"])
+    same = Model.from_pretrained(tiny_roberta, dtype=dtype)  # what predict builds: the base in auto's precision
+    same.load_adapter(tmp_path / "reg", name="reg").load_adapter(tmp_path / "ml", name="ml")
     with torch.no_grad():
-        scores = model(ids, mask, adapter="reg")[:, 0]
-        probs = model(ids, mask, adapter="ml").sigmoid()
+        scores = same(ids, mask, adapter="reg")[:, 0]
+        probs = same(ids, mask, adapter="ml").sigmoid()
+        fp32 = model(ids, mask, adapter="reg")[:, 0]
+    # bf16 moves the outputs by its rounding (~1e-2 relative) from fp32, fp32 by nothing
+    assert scores.tolist() == pytest.approx(fp32.tolist(), rel=3e-2 if cpu_bf16 else 1e-6)
     pairs = ["--pair", "a great film", "a fine movie", "--pair", "dull", "boring"]
     assert predict.main(["--adapter", str(tmp_path / "reg"), "--device", "cpu", *pairs]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -523,3 +530,20 @@ def test_predict_sentence_pairs_regression_and_multilabel(tiny_roberta, tmp_path
         assert list(x["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
         assert x["labels"] == [name for name, q in zip("abc", p) if q > 0.5]
     assert predict.main(["--adapter", str(tmp_path / "reg"), "one text", *pairs[:3]]) == 2  # mixed: refused
+
+
+def test_predict_multilabel_lists_labels_by_probability(tiny_roberta, tmp_path, capsys):
+    """A multilabel label is listed when its probability is above 0.5, i.e. its logit above 0: logits between 0
+    and 0.5 are listed (a threshold of 0.5 on the logit would drop them)."""
+    model = Model.from_pretrained(tiny_roberta)
+    model.add_adapter("ml", "houlsby", num_labels=4, labels=["a", "b", "c", "d"], task="multilabel")
+    with torch.no_grad():  # every text gets these logits: 0.3, -0.2, 0.05, 0.7
+        model.heads["ml"].out.weight.zero_()
+        model.heads["ml"].out.bias.copy_(torch.tensor([0.3, -0.2, 0.05, 0.7]))
+    model.save_adapter(tmp_path / "ml", name="ml")
+    assert predict.main(["--adapter", str(tmp_path / "ml"), "--device", "cpu", "--precision", "fp32",
+                         "a great film"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["labels"] == ["a", "c", "d"]
+    assert list(out["probabilities"].values()) == pytest.approx(torch.tensor([0.3, -0.2, 0.05, 0.7]).sigmoid().tolist(),
+                                                               abs=1e-6)

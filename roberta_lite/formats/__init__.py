@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from roberta_lite import adapters as A
-from roberta_lite.weights import CheckpointError, resolve_checkpoint
+from roberta_lite.weights import FINGERPRINT_VERSION, CheckpointError, resolve_checkpoint
 
 
 @dataclass
@@ -69,11 +69,11 @@ def read(source: str | os.PathLike, model) -> AdapterFile:
 def check(model, f: AdapterFile, where: Path) -> AdapterFile:
     """Refuse a file for another base, a config this model cannot compute, or any missing, unexpected or
     wrongly shaped tensor. Returns f with its config as an AdapterConfig."""
-    recorded = f.base.get("fingerprint")
-    if recorded is not None and recorded != model.base_fingerprint():
+    recorded, version = f.base.get("fingerprint"), f.base.get("fingerprint_version", 1)
+    if recorded is not None and recorded != model.base_fingerprint(version):
         raise CheckpointError(
             f"{where}: adapter was trained on base {f.base.get('model')!r} (fingerprint {recorded}), but this model "
-            f"is {model.name_or_path!r} (fingerprint {model.base_fingerprint()}); load the base it was trained on")
+            f"is {model.name_or_path!r} (fingerprint {model.base_fingerprint(version)}); load the base it was trained on")
     try:
         cfg = A.AdapterConfig.of(f.config)
     except (TypeError, ValueError) as e:
@@ -136,6 +136,7 @@ def save(model, directory: str | os.PathLike, name: str | None = None, format: s
                     {k: p.detach().float().contiguous() for k, p in A.adapter_tensors(model, name)},
                     head.num_labels, list(head.labels), head.task,
                     {"model": str(model.name_or_path), "fingerprint": model.base_fingerprint(),
+                     "fingerprint_version": FINGERPRINT_VERSION,
                      "config": asdict(model.config)})
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ def read(directory: Path, hidden_size: int, num_layers: int):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return AdapterFile(meta.get("name"), meta["adapter"], {k: t.float() for k, t in tensors.items()},
                        meta["num_labels"], meta["labels"], meta.get("task", "classification"),  # formats.check
-                       {"model": meta.get("base_model"), "fingerprint": meta["base_fingerprint"]}, path)
+                       {"model": meta.get("base_model"), "fingerprint": meta["base_fingerprint"],
+                        "fingerprint_version": meta.get("fingerprint_version", 1)}, path)
 
 
 def write(directory: Path, f, hidden_size: int, num_layers: int, base_name: str) -> Path:
@@ -63,6 +64,7 @@ def write(directory: Path, f, hidden_size: int, num_layers: int, base_name: str)
         "labels": f.labels,
         "base_model": f.base.get("model"),
         "base_fingerprint": f.base.get("fingerprint"),
+        "fingerprint_version": f.base.get("fingerprint_version"),
         "base_config": f.base.get("config"),
     }
     atomic_write(directory / "adapter.safetensors", save(f.tensors))
