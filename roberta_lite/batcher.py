@@ -7,7 +7,8 @@ What the worker does, over and over:
   2. sort the gathered examples by length and cut them into passes of at most `max_tokens` padded tokens and
      `max_rows` rows, so a pass mixes adapters (one name per row) but little padding;
   3. run `model(ids, mask, adapter=[name per row])` per pass; each row's logits, sliced to its own head's width,
-     become the job's outputs (predict's result objects), and each job's future gets exactly its own.
+     become the job's outputs (predict's result objects), and each job's future gets exactly its own as soon as
+     its last row has run.
 A command (adding or removing an adapter) is a job too: it runs alone, between passes, in queue order, so the
 predictions queued before it see the model as it was. With `batching=False` each pass is one request.
 
@@ -196,25 +197,23 @@ class Batcher:
         rows = [(j, i) for j, job in enumerate(live) for i in range(len(job.inputs))]
         passes = [rows] if not self.batching else self._passes(rows, seqs)
         outputs: list[list[dict | None]] = [[None] * len(job.inputs) for job in live]
-        started = False
+        left = [len(job.inputs) for job in live]  # rows still to run, per job: a job is answered when it has none
+        waits = [time.perf_counter() - job.arrived for job in live]  # every job of the round starts with pass 1
         try:
             for p in passes:
-                if not started:  # every job of the round waits until the first pass starts
-                    waits = [time.perf_counter() - job.arrived for job in live]
-                    started = True
-                else:
-                    waits = []
                 names = [live[j].adapter for j, _ in p]
                 logits = self._forward([seqs[j][i] for j, i in p], names)
                 self.metrics.batch(len(p), len(set(names)), waits)
+                waits = []
                 for (j, i), row in zip(p, logits):
                     outputs[j][i] = head_output(self.model.heads[live[j].adapter], row)
-        except Exception as e:  # a failed pass fails its round's requests, never the worker
-            for job in live:
-                self._finish(job, exc=e)
-            return
-        for job, out in zip(live, outputs):
-            self._finish(job, result=out)
+                    left[j] -= 1
+                    if left[j] == 0:  # rows run shortest first: short requests need not wait for long ones
+                        self._finish(live[j], result=outputs[j])
+        except Exception as e:  # a failed pass fails its round's unanswered requests, never the worker
+            for j, job in enumerate(live):
+                if left[j]:
+                    self._finish(job, exc=e)
 
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]], names: list[str]) -> torch.Tensor:
