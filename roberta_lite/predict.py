@@ -129,19 +129,25 @@ class Predictor:
         return out
 
     def _result(self, logits: torch.Tensor, name: str) -> dict:
-        head = self.model.heads[name]
-        labels = head.labels
-        logits = logits[:len(labels)]  # a mixed batch pads narrower heads with -inf: drop those columns
-        if head.task == "regression":
-            return {"score": round(float(logits[0]), 6)}
-        if head.task == "multilabel":
-            p = logits.sigmoid()
-            return {"labels": [label for label, q in zip(labels, p) if q > 0.5],
-                    "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
-        p = logits.softmax(-1)
-        k = int(p.argmax())
-        return {"label": labels[k], "probability": round(float(p[k]), 6),
+        return head_output(self.model.heads[name], logits)
+
+
+def head_output(head, logits: torch.Tensor) -> dict:
+    """One example's result from its adapter's head and its row of logits (float32, on the CPU), by the head's task:
+    classification {"label", "probability", "probabilities"}, regression {"score"}, multilabel {"labels",
+    "probabilities"}. A row from a mixed batch may be wider than the head (-inf columns): they are dropped."""
+    labels = head.labels
+    logits = logits[:len(labels)]  # a mixed batch pads narrower heads with -inf: drop those columns
+    if head.task == "regression":
+        return {"score": round(float(logits[0]), 6)}
+    if head.task == "multilabel":
+        p = logits.sigmoid()
+        return {"labels": [label for label, q in zip(labels, p) if q > 0.5],
                 "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
+    p = logits.softmax(-1)
+    k = int(p.argmax())
+    return {"label": labels[k], "probability": round(float(p[k]), 6),
+            "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
 
 
 def read_texts(path: str) -> tuple[list[str], list[str | None]]:
