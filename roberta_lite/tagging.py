@@ -141,9 +141,10 @@ def read_jsonl(path: str | Path) -> list[TaggedSentence]:
             words, tags = record["tokens"], record["tags"]
             if not isinstance(words, list) or not words:
                 raise ValueError(f"{path} line {n}: \"tokens\" must be a non-empty list, got {words!r}")
-            if not isinstance(tags, list) or len(tags) != len(words):
-                count = len(tags) if isinstance(tags, list) else repr(tags)
-                raise ValueError(f"{path} line {n}: {len(words)} tokens but {count} tags")
+            if not isinstance(tags, list):
+                raise ValueError(f"{path} line {n}: \"tags\" must be a list, got {tags!r}")
+            if len(tags) != len(words):
+                raise ValueError(f"{path} line {n}: {len(words)} tokens but {len(tags)} tags")
             for w in words:
                 if not isinstance(w, str) or not w.strip():
                     raise ValueError(f"{path} line {n}: token {w!r} is not a non-blank string (it would get no token)")

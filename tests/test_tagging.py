@@ -95,41 +95,30 @@ def test_read_jsonl(tmp_path):
         (["Peter", "Blackburn"], ["B-PER", "I-PER"], [3, 3])]
 
 
-CONLL_ERRORS = [
-    ("a O\nb\n", 2, "no tag after the word 'b'"),
-    ("a O\n\nb X-PER\n", 3, "tag 'X-PER' is not O, B-type or I-type"),
-    ("a\tB-\n", 1, "tag 'B-' is not O, B-type or I-type"),
-    ("a O\nb O\nc B\n", 3, "tag 'B' is not O, B-type or I-type"),
-    ("a o\n", 1, "tag 'o' is not O, B-type or I-type"),
-]
-
-
-@pytest.mark.parametrize("text,line,message", CONLL_ERRORS)
-def test_conll_errors_name_file_line_and_value(tmp_path, text, line, message):
-    path = write(tmp_path / "bad.conll", text)
-    with pytest.raises(ValueError) as e:
-        read_conll(path)
-    assert str(e.value) == f"{path} line {line}: {message}"
-
-
-JSONL_ERRORS = [
-    ('{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n', 2, "2 tokens but 1 tags"),
-    ('{"tokens": ["a"], "tags": ["O"]}\n\n{"tokens": ["a"], "tags": ["I_PER"]}\n', 3,
+ERRORS = [  # (file suffix, text, line at fault, message)
+    (".conll", "a O\nb\n", 2, "no tag after the word 'b'"),
+    (".conll", "a O\n\nb X-PER\n", 3, "tag 'X-PER' is not O, B-type or I-type"),
+    (".conll", "a\tB-\n", 1, "tag 'B-' is not O, B-type or I-type"),
+    (".txt", "a O\nb O\nc B\n", 3, "tag 'B' is not O, B-type or I-type"),
+    (".conll", "a o\n", 1, "tag 'o' is not O, B-type or I-type"),
+    (".jsonl", '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n', 2, "2 tokens but 1 tags"),
+    (".jsonl", '{"tokens": ["a"], "tags": ["O"]}\n\n{"tokens": ["a"], "tags": ["I_PER"]}\n', 3,
      "tag 'I_PER' is not O, B-type or I-type"),
-    ('{"tokens": ["a"], "tags": [3]}\n', 1, "tag 3 is not a string"),
-    ('{"tokens": ["a"], "tags": "O"}\n', 1, "1 tokens but 'O' tags"),
-    ('{"tokens": ["a", ""], "tags": ["O", "O"]}\n', 1, "token '' is not a non-blank string (it would get no token)"),
-    ('{"tokens": [], "tags": []}\n', 1, "\"tokens\" must be a non-empty list, got []"),
-    ('{"words": ["a"], "tags": ["O"]}\n', 1,
+    (".jsonl", '{"tokens": ["a"], "tags": [3]}\n', 1, "tag 3 is not a string"),
+    (".jsonl", '{"tokens": ["a"], "tags": "O"}\n', 1, "\"tags\" must be a list, got 'O'"),
+    (".jsonl", '{"tokens": ["a", ""], "tags": ["O", "O"]}\n', 1,
+     "token '' is not a non-blank string (it would get no token)"),
+    (".jsonl", '{"tokens": [], "tags": []}\n', 1, "\"tokens\" must be a non-empty list, got []"),
+    (".jsonl", '{"words": ["a"], "tags": ["O"]}\n', 1,
      'expected an object with "tokens" and "tags", got \'{"words": ["a"], "tags": ["O"]}\''),
 ]
 
 
-@pytest.mark.parametrize("text,line,message", JSONL_ERRORS)
-def test_jsonl_errors_name_file_line_and_value(tmp_path, text, line, message):
-    path = write(tmp_path / "bad.jsonl", text)
+@pytest.mark.parametrize("suffix,text,line,message", ERRORS)
+def test_errors_name_file_line_and_value(tmp_path, suffix, text, line, message):
+    path = write(tmp_path / f"bad{suffix}", text)
     with pytest.raises(ValueError) as e:
-        read_jsonl(path)
+        read_tagged(path)
     assert str(e.value) == f"{path} line {line}: {message}"
 
 
