@@ -106,7 +106,7 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
         tags.clear()
         lines.clear()
 
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first word
         for n, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -128,7 +128,7 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
 def read_jsonl(path: str | Path) -> list[TaggedSentence]:
     """Sentences of a JSONL file, one `{"tokens": [...], "tags": [...]}` a line; blank lines are skipped."""
     sentences = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first word
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

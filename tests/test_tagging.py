@@ -83,6 +83,8 @@ def test_read_conll(tmp_path):
         same = read_tagged(write(tmp_path / f"a{suffix}", CONLL))
         assert [(s.words, s.tags, s.lines) for s in same] == [(s.words, s.tags, s.lines) for s in sentences]
     assert read_conll(write(tmp_path / "empty.conll", "\n\n")) == []
+    bom = read_tagged(write(tmp_path / "bom.jsonl", '\ufeff{"tokens": ["a"], "tags": ["O"]}\n'))
+    assert bom[0].words == ["a"] and read_tagged(write(tmp_path / "bom.conll", "\ufeffa O\n"))[0].words == ["a"]
 
 
 def test_read_jsonl(tmp_path):
