@@ -6,6 +6,9 @@
 * multilabel: micro and macro F1 and exact-match accuracy of the labels whose logit is above 0
   (probability above 1/2).
 
+For tagging (named entities), :func:`entity_scores` gives conlleval's entity-level precision, recall and F1
+(an entity counts only with its exact span and type), per entity type too, and the share of words tagged right.
+
 A correlation is undefined when either side is constant; it is then NaN, as scipy returns it, so a
 model that predicts one value for everything never looks like the best one. A label that is neither
 true nor predicted anywhere has F1 0 in the macro average, as scikit-learn's default counts it.
@@ -13,12 +16,18 @@ true nor predicted anywhere has F1 0 in the macro average, as scikit-learn's def
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Sequence
+
 import numpy as np
+
+from roberta_lite.tagging import entities
 
 __all__ = [
     "MAIN_METRIC",
     "accuracy",
     "compute_metrics",
+    "entity_scores",
     "mse",
     "multilabel_scores",
     "pearson",
@@ -123,3 +132,44 @@ def compute_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[
     if task == "multilabel":
         return multilabel_scores(outputs > 0.0, labels)
     raise ValueError(f"task {task!r} is not one of {', '.join(MAIN_METRIC)}")
+
+
+def _precision_recall_f1(correct: int, predicted: int, true: int) -> dict[str, float]:
+    """Precision, recall and F1 of entity counts; 0 where a denominator is 0 (seqeval's default)."""
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / true if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def entity_scores(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
+    """conlleval's scores of predicted BIO tags against the true ones, one tag list per sentence.
+
+    Returns `precision`, `recall`, `f1` over all entities (micro), `accuracy` (the share of words whose tag is
+    right, `O` included) and `per_type`: for each type that is true or predicted somewhere, its `precision`,
+    `recall`, `f1` and `support` (the number of true entities). Entities are cut by :func:`tagging.entities`.
+    """
+    if len(true_tags) != len(pred_tags):
+        raise ValueError(f"{len(true_tags)} true tag sequences but {len(pred_tags)} predicted")
+    true_count, pred_count, correct_count = Counter(), Counter(), Counter()
+    right = words = 0
+    for n, (true, pred) in enumerate(zip(true_tags, pred_tags)):
+        if len(true) != len(pred):
+            raise ValueError(f"sentence {n}: {len(true)} true tags but {len(pred)} predicted")
+        true_entities, pred_entities = set(entities(true)), set(entities(pred))
+        true_count.update(kind for kind, _, _ in true_entities)
+        pred_count.update(kind for kind, _, _ in pred_entities)
+        correct_count.update(kind for kind, _, _ in true_entities & pred_entities)
+        right += sum(t == p for t, p in zip(true, pred))
+        words += len(true)
+    if words == 0:
+        raise ValueError("no tags to score")
+    scores: dict = _precision_recall_f1(sum(correct_count.values()), sum(pred_count.values()),
+                                        sum(true_count.values()))
+    scores["accuracy"] = right / words
+    scores["per_type"] = {
+        kind: {**_precision_recall_f1(correct_count[kind], pred_count[kind], true_count[kind]),
+               "support": true_count[kind]}
+        for kind in sorted(true_count.keys() | pred_count.keys())
+    }
+    return scores

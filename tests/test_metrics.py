@@ -11,6 +11,7 @@ from roberta_lite.metrics import (
     MAIN_METRIC,
     accuracy,
     compute_metrics,
+    entity_scores,
     mse,
     multilabel_scores,
     pearson,
@@ -125,3 +126,70 @@ def test_against_sklearn_on_random_data() -> None:
     assert scores["micro_f1"] == pytest.approx(sk.f1_score(true, pred, average="micro", zero_division=0))
     assert scores["macro_f1"] == pytest.approx(sk.f1_score(true, pred, average="macro", zero_division=0))
     assert scores["exact_match"] == pytest.approx(sk.accuracy_score(true, pred))
+
+
+# --------------------------------------------------------------------------------------------------
+# Entity scores (tagging), conlleval's way
+
+def test_entity_scores_by_hand() -> None:
+    true = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG", "I-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "I-ORG"], ["O", "B-ORG", "I-ORG", "O"]]
+    # true: PER 0-1, LOC 3 | ORG 1-3; predicted: PER 0-1, ORG 3 (I after O begins one) | ORG 1-2 (a span too short)
+    scores = entity_scores(true, pred)
+    assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(1 / 3) and scores["accuracy"] == pytest.approx(6 / 8)
+    assert scores["per_type"] == {
+        "LOC": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+        "ORG": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+        "PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1},
+    }
+
+
+def test_entity_scores_i_after_another_type() -> None:
+    # I-LOC after B-PER: PER 0 and LOC 1-2, so a prediction of B-PER I-PER I-PER gets neither of the two
+    true, pred = [["B-PER", "I-LOC", "I-LOC", "O"]], [["B-PER", "I-PER", "I-PER", "O"]]
+    scores = entity_scores(true, pred)
+    assert (scores["precision"], scores["recall"], scores["f1"]) == (0.0, 0.0, 0.0)
+    assert scores["accuracy"] == 0.5 and scores["per_type"]["LOC"]["support"] == 1
+    # an I-x where B-x was true is the same entity when it follows O (conlleval counts it right)
+    assert entity_scores([["O", "B-PER", "I-PER"]], [["O", "I-PER", "I-PER"]])["f1"] == 1.0
+    # B-x B-x is two entities, B-x I-x one
+    two = entity_scores([["B-PER", "B-PER"]], [["B-PER", "I-PER"]])
+    assert (two["precision"], two["recall"]) == (0.0, 0.0) and two["per_type"]["PER"]["support"] == 2
+    none = entity_scores([["O", "O"]], [["O", "O"]])
+    assert (none["f1"], none["accuracy"], none["per_type"]) == (0.0, 1.0, {})
+
+
+def test_entity_scores_errors() -> None:
+    with pytest.raises(ValueError, match="sentence 1: 2 true tags but 1 predicted"):
+        entity_scores([["O"], ["O", "O"]], [["O"], ["O"]])
+    with pytest.raises(ValueError, match="2 true tag sequences but 1 predicted"):
+        entity_scores([["O"], ["O"]], [["O"]])
+    with pytest.raises(ValueError, match="tag 'B' is not O, B-type or I-type"):
+        entity_scores([["B"]], [["O"]])
+    with pytest.raises(ValueError, match="no tags to score"):
+        entity_scores([[]], [[]])
+
+
+def test_entity_scores_against_seqeval_on_random_tags() -> None:
+    """seqeval's default mode is conlleval's; random tags have every odd case (I after O, I-x after B-y, ...)."""
+    seqeval = pytest.importorskip("seqeval.metrics")
+    rng = np.random.default_rng(2)
+    tags = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-geo-loc", "I-geo-loc", "I-MISC"]
+    for trial in range(20):
+        lengths = rng.integers(1, 15, size=int(rng.integers(1, 30)))
+        true = [[tags[i] for i in rng.integers(0, len(tags), n)] for n in lengths]
+        # predictions: mostly right, so that many entities match
+        pred = [[t if rng.random() < 0.7 else tags[rng.integers(0, len(tags))] for t in s] for s in true]
+        scores = entity_scores(true, pred)
+        assert scores["precision"] == pytest.approx(seqeval.precision_score(true, pred, zero_division=0))
+        assert scores["recall"] == pytest.approx(seqeval.recall_score(true, pred, zero_division=0))
+        assert scores["f1"] == pytest.approx(seqeval.f1_score(true, pred, zero_division=0))
+        assert scores["accuracy"] == pytest.approx(seqeval.accuracy_score(true, pred))
+        report = seqeval.classification_report(true, pred, output_dict=True, zero_division=0)
+        per_type = {k: v for k, v in report.items() if not k.endswith(" avg")}
+        assert set(per_type) == set(scores["per_type"]), trial
+        for kind, row in per_type.items():
+            ours = scores["per_type"][kind]
+            assert (ours["precision"], ours["recall"], ours["f1"]) == pytest.approx(
+                (row["precision"], row["recall"], row["f1-score"])) and ours["support"] == row["support"]

@@ -178,3 +178,115 @@ def test_empty_second_text_is_still_a_pair(ours, reference):
     assert want == [0, 102, 741, 2, 2, 2]
     assert ours.encode("a b", "", max_length=16) == want
     assert ours.encode("a b", max_length=16) == [0, 102, 741, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Words instead of text (tagging data): transformers' RobertaTokenizerFast(add_prefix_space=True) with
+# is_split_into_words=True, ids, word ids and offsets alike
+
+WORD_LISTS = [
+    ["Hello", ",", "world", "!"],
+    ["@paulwalk", "It", "'s", "the", "view", "from", "where", "I", "'m", "living", "."],
+    ["Empire", "State", "Building", "=", "ESB", ".", "#photography", "http://bit.ly/bgCyZ0", "..."],
+    ["café", "naïve", "東京", "🎬🍿", "—", "“quotes”", "RT", ":", "lol", "!!!", "10/10", "<3"],
+    ["a", "<mask>", "token", "</s>"],  # special-token text inside a word
+    [" leading", "trailing ", "in side", "", "\t", "after"],  # spaces kept as given; an empty word gets no token
+    [],
+    ["The", "film", "drags", "on", "and", "on", ",", "a", "tedious", "exercise", "."] * 50,  # > 512 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def reference_words():
+    transformers = pytest.importorskip("transformers")
+    return transformers.RobertaTokenizerFast.from_pretrained(str(ROBERTA), add_prefix_space=True)
+
+
+@pytest.mark.parametrize("max_length", [512, 8])
+def test_words_parity_with_transformers(ours, reference_words, max_length):
+    ref = reference_words(WORD_LISTS, is_split_into_words=True, truncation=True, max_length=max_length,
+                          return_offsets_mapping=True)
+    got = ours.encode_words(WORD_LISTS, max_length)
+    for i, (words, g) in enumerate(zip(WORD_LISTS, got)):
+        assert g.ids == ref["input_ids"][i], words[:3]
+        assert g.word_ids == ref.word_ids(i), words[:3]
+        assert g.offsets == ref["offset_mapping"][i], words[:3]
+        full = reference_words(words, is_split_into_words=True)["input_ids"]
+        assert g.truncated == (len(full) > max_length)
+        assert ours.encode(words, max_length=max_length, is_split_into_words=True) == g.ids
+    assert ours.encode_batch(WORD_LISTS, max_length, is_split_into_words=True) == ref["input_ids"]
+    assert sum(g.truncated for g in got) == (1 if max_length == 512 else 5)
+    ids, mask = ours(WORD_LISTS, max_length=max_length, is_split_into_words=True)
+    padded = reference_words(WORD_LISTS, is_split_into_words=True, truncation=True, max_length=max_length,
+                             padding=True, return_tensors="pt")
+    assert torch.equal(ids, padded["input_ids"]) and torch.equal(mask, padded["attention_mask"])
+
+
+def test_words_tokenize_with_a_space_before_each(ours):
+    """`Hello` as a word is `ĠHello` (20920), not the text-initial `Hello` (31414); `,` is `Ġ,` (2156)."""
+    assert ours.encode(["Hello", ",", "world"], is_split_into_words=True) == [0, 20920, 2156, 232, 2]
+    assert ours.encode("Hello, world") == [0, 31414, 6, 232, 2]
+    one, batch = ours(["Hello", "world"], is_split_into_words=True), ours([["Hello", "world"]], is_split_into_words=True)
+    assert torch.equal(one[0], batch[0]) and one[0].tolist() == [[0, 20920, 232, 2]]
+    empty = ours.encode_words([[], [""], ["", "a"]])
+    assert [e.ids for e in empty] == [[0, 2], [0, 2], [0, 10, 2]]
+    assert empty[2].word_ids == [None, 1, None]  # the empty word 0 has no token
+    assert ours.encode_words([]) == []
+    assert ours([], is_split_into_words=True)[0].tolist() == [[0, 2]]  # one sentence of no words, as transformers
+
+
+TEXTS_WITH_OFFSETS = [
+    "@paulwalk It 's the view from where I 'm living for two weeks . Empire State Building = ESB .",
+    "Pxleyes Top 50 Photography Contest Pictures of August 2010 ... http://bit.ly/bgCyZ0 #photography",
+    "café naïve 東京 🎬🍿 “quotes” <3",
+    "  irregular   spacing,\ttabs\nand newlines  ",
+    "",
+    "   ",
+]
+
+
+def test_offsets_index_the_original_text(ours, reference_words):
+    for text in TEXTS_WITH_OFFSETS:
+        e = ours.encode_with_offsets(text)
+        words = text.split()
+        assert e.ids == ours.encode(words, is_split_into_words=True), text[:20]
+        ref = reference_words(words, is_split_into_words=True, return_offsets_mapping=True)
+        assert e.word_ids == ref.word_ids()
+        starts, position = [], 0
+        for w in words:
+            position = text.index(w, position)
+            starts.append(position)
+            position += len(w)
+        shifted = [(0, 0) if w is None else (starts[w] + a, starts[w] + b)
+                   for w, (a, b) in zip(ref.word_ids(), ref["offset_mapping"])]
+        assert e.offsets == shifted, text[:20]
+        for w, word in enumerate(words):  # a word's tokens cover exactly the word, in order
+            spans = [o for o, i in zip(e.offsets, e.word_ids) if i == w]
+            assert text[spans[0][0]:spans[-1][1]] == word
+            # in order; the byte pieces of one character (an emoji) share its span
+            assert all(a1 <= a2 and b1 <= b2 for (a1, b1), (a2, b2) in zip(spans, spans[1:]))
+        if "  " not in text and "\t" not in text and "\n" not in text:  # single spaces: as transformers' text call
+            plain = reference_words(text, return_offsets_mapping=True)
+            assert e.ids == plain["input_ids"] and e.offsets == plain["offset_mapping"]
+    assert ours.encode_with_offsets("") == ours.encode_with_offsets("   ")
+    assert ours.encode_with_offsets("   ").ids == [0, 2]
+    assert ours.encode_batch_with_offsets(TEXTS_WITH_OFFSETS[:2], 8) == [
+        ours.encode_with_offsets(t, 8) for t in TEXTS_WITH_OFFSETS[:2]]
+    cut = ours.encode_with_offsets(TEXTS_WITH_OFFSETS[0], 8)
+    # 6 tokens of text: @paulwalk is 4, It 1, and the cut falls inside 's, whose ' (13, 14) is kept
+    assert cut.truncated and len(cut.ids) == 8 and cut.word_ids[-2] == 2 and cut.offsets[-2] == (13, 14)
+
+
+def test_word_input_errors(ours):
+    with pytest.raises(TypeError, match=r"sentences\[0\] is str, not a list of words"):
+        ours.encode_words(["a", "b"])  # one sentence's words where a list of sentences belongs
+    with pytest.raises(TypeError, match=r"sentences\[1\]\[0\] is int, not a string"):
+        ours.encode_batch([["a"], [3]], is_split_into_words=True)
+    with pytest.raises(ValueError, match="pairs of word lists are not supported"):
+        ours.encode(["a"], "b", is_split_into_words=True)
+    with pytest.raises(ValueError, match="pairs of word lists are not supported"):
+        ours([["a"]], [["b"]], is_split_into_words=True)
+    with pytest.raises(ValueError, match="max_length=1: must leave room for the 2 special tokens"):
+        ours.encode_words([["a"]], 1)
+    with pytest.raises(TypeError, match=r"texts\[0\] is list, not a string"):
+        ours.encode_batch_with_offsets([["a"]])
