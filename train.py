@@ -54,11 +54,12 @@ from roberta_lite import adapters as A
 from roberta_lite import checkpoint as CK
 from roberta_lite import data as D
 from roberta_lite import weights as W
-from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
+from roberta_lite.runtime import (limit_heap_growth, peak_resident_mb, resident_mb, resolve_base, select_device,
+                                  select_dtype)
 from roberta_lite.tasks import TASKS, Task
 # Flags that only steer this invocation; every other flag defines the training run and must match on --resume.
 RUN_CONTROL = {"resume", "output", "save_every", "stop_after_steps", "device", "cache_dir", "test_limit",
-               "eval_batch_size", "threads"}
+               "eval_batch_size", "threads", "pad_multiple"}
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -181,6 +182,9 @@ def _running_arguments(g: argparse._ArgumentGroup):
     g.add_argument("--threads", type=_int_at_least(1),
                    help="CPU threads per process (default: torch's choice; torchrun sets 1 per process)")
     g.add_argument("--eval-batch-size", type=_int_at_least(1), default=64, help="examples per evaluation batch")
+    g.add_argument("--pad-multiple", type=_int_at_least(1), default=D.PAD_MULTIPLE,
+                   help="round each batch's length up to a multiple of this: few distinct shapes, so memory levels "
+                        "off (1: pad to the longest text only)")
     g.add_argument("--output", help="output directory (default: weights/adapters/<data>-<adapter>/)")
     g.add_argument("--save-every", type=_int_at_least(1),
                    help="also write OUTPUT/checkpoint/ every N steps (it is always written at each epoch's end)")
@@ -304,7 +308,7 @@ def _fused_if_supported(device: torch.device) -> dict:
 
 @torch.inference_mode()  # no autograd graph: evaluation memory stays one batch's, whatever the split's size
 def predict_all(model: Model, seqs: list[np.ndarray], *, batch_size: int, pad_id: int, device: torch.device,
-                rank: int, world: int, desc: str) -> torch.Tensor:
+                rank: int, world: int, desc: str, pad_multiple: int = D.PAD_MULTIPLE) -> torch.Tensor:
     """Logits for every example, float32 on the CPU, in the order of `seqs`; length-sorted batches, split
     across ranks and gathered back."""
     was_training = model.training
@@ -312,7 +316,7 @@ def predict_all(model: Model, seqs: list[np.ndarray], *, batch_size: int, pad_id
     batches = D.length_batches([len(s) for s in seqs], batch_size=batch_size, shuffle=False)[rank::world]
     rows, parts = [], []
     for batch in tqdm(batches, desc=desc, leave=False, disable=rank != 0, unit="batch"):
-        ids, mask = D.collate([seqs[i] for i in batch], pad_id)
+        ids, mask = D.collate([seqs[i] for i in batch], pad_id, pad_multiple, model.config.max_tokens)
         parts.append(model(ids.to(device), mask.to(device)).float().cpu())
         rows.extend(batch)
     model.train(was_training)
@@ -330,7 +334,8 @@ def predict_all(model: Model, seqs: list[np.ndarray], *, batch_size: int, pad_id
 def evaluate(run: "Run", model: Model, split: "Split", desc: str) -> dict[str, float]:
     """The task's metrics (and loss) over a whole split."""
     logits = predict_all(model, split.tokens, batch_size=run.args.eval_batch_size, pad_id=model.config.pad_id,
-                         device=run.device, rank=run.rank, world=run.world, desc=desc)
+                         device=run.device, rank=run.rank, world=run.world, desc=desc,
+                         pad_multiple=run.args.pad_multiple)
     return run.task.metrics(logits, split.y)
 
 
@@ -576,7 +581,8 @@ def train_step(run: Run, net, opt, model: Model, split: Split, batch: list[int],
     """One optimizer step on one batch. Returns (the loss averaged over ranks, the real tokens it trained on,
     whether every rank stops now)."""
     t = time.perf_counter()
-    ids, mask = D.collate([split.tokens[i] for i in batch], model.config.pad_id)
+    ids, mask = D.collate([split.tokens[i] for i in batch], model.config.pad_id, run.args.pad_multiple,
+                          model.config.max_tokens)
     ids, mask, y = ids.to(run.device), mask.to(run.device), split.y[batch].to(run.device)
     lr = lr_at(p.step, schedule["total_steps"], schedule["warmup_steps"], run.args.lr)
     for group in opt.param_groups:
@@ -700,7 +706,7 @@ def log_step(run: Run, log, bar, p: Progress, loss: float, tokens: int, schedule
         return
     lr = lr_at(p.step - 1, schedule["total_steps"], schedule["warmup_steps"], run.args.lr)
     log.write(json.dumps({"step": p.step, "epoch": p.epoch + 1, "loss": float(f"{loss:.6g}"), "lr": lr,
-                          "tokens": tokens}) + "\n")
+                          "tokens": tokens, "rss_mb": resident_mb()}) + "\n")
     log.flush()
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{p.tokens / max(p.train_seconds, 1e-9):,.0f}",
                     refresh=False)
@@ -726,9 +732,10 @@ def finish(run: Run, model: Model, splits: dict[str, Split], p: Progress, best_w
         f"val_{primary}": [h[f"val_{primary}"] for h in p.history], "best_epoch": p.best["epoch"],
         f"best_val_{primary}": p.best["metrics"][primary], "epochs": p.history, "task": run.task.kind,
         "train_tokens_per_second": p.tokens / max(p.train_seconds, 1e-9), "train_tokens": p.tokens,
-        "train_seconds": p.train_seconds, "wall_seconds": wall, "steps": p.step, "resumed_from_step": p.resumed_from,
+        "train_seconds": p.train_seconds, "wall_seconds": wall, "peak_rss_mb": peak_resident_mb(), "steps": p.step, "resumed_from_step": p.resumed_from,
         "padding_fraction": D.padding_fraction(epoch_batches(run, [len(s) for s in splits["train"].tokens], 0),
-                                               [len(s) for s in splits["train"].tokens]),
+                                               [len(s) for s in splits["train"].tokens], run.args.pad_multiple,
+                                               model.config.max_tokens),
         "device": str(run.device), "dtype": str(next(model.layers[0].parameters()).dtype).removeprefix("torch."),
         "world_size": run.world, "examples": {"validation" if k == "val" else k: s.size for k, s in splits.items()},
         "labels": label_names, "replaced_non_utf8": train_ds.replaced, "base_model": base_name,

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from roberta_lite.data import PAD_MULTIPLE, collate
 from roberta_lite.predict import head_output
 from roberta_lite.serve_metrics import Metrics
 
@@ -217,7 +218,7 @@ class Batcher:
 
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]], names: list[str]) -> torch.Tensor:
-        ids, mask = self.tokenizer.pad(seqs)
+        ids, mask = collate(seqs, self.tokenizer.pad_id, PAD_MULTIPLE, self.model.config.max_tokens)  # few shapes
         logits = self.model(ids.to(self.device), mask.to(self.device), adapter=names)
         return logits.float().cpu()  # (B, K_max); narrower heads' columns are -inf, sliced off by head_output
 

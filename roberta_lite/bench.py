@@ -88,6 +88,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from roberta_lite.adapters import adapter_tensors
+from roberta_lite.data import PAD_MULTIPLE, padded_length
 from roberta_lite.model import AdapterConfig, Model
 
 CONFIGS = {
@@ -181,7 +182,7 @@ def sample_lengths(kind: str, n: int, length: int, max_len: int, rng: np.random.
 
 
 def make_batches(kind: str, steps: int, batch: int, length: int, vocab: int, max_len: int, sort: bool,
-                 seed: int, device: torch.device) -> list[Batch]:
+                 seed: int, device: torch.device, multiple: int = 1) -> list[Batch]:
     rng = np.random.default_rng(seed)
     lengths = sample_lengths(kind, steps * batch, length, max_len, rng)
     if sort:  # length-sorted batches (less padding); their order is then shuffled
@@ -191,7 +192,7 @@ def make_batches(kind: str, steps: int, batch: int, length: int, vocab: int, max
         rng.shuffle(groups)
     out = []
     for g in groups:
-        T = max(g)
+        T = padded_length(max(g), multiple, max_len)  # as train.py pads: to a multiple of 16 by default
         ids = torch.from_numpy(rng.integers(3, vocab, size=(batch, T))).long()
         mask = torch.zeros(batch, T, dtype=torch.long)
         for i, n in enumerate(g):
@@ -514,7 +515,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=256, help="sequence length with --lengths fixed")
     p.add_argument("--lengths", choices=("fixed", "imdb"), default="fixed",
                    help="fixed: every sequence --length long; imdb: log-normal, median 230 tokens, cut at 512, "
-                        "batches padded to their longest")
+                        "batches padded to their longest rounded up to --pad-multiple")
+    p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
+                   help="round each batch's length up to a multiple of this, for both sides, as train.py and "
+                        "predict do (1: pad to the longest only)")
     p.add_argument("--sort", action=argparse.BooleanOptionalAction, default=None,
                    help="length-sorted batches, for both sides (default: on for cuda, off for cpu)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode and side")
@@ -766,7 +770,7 @@ def checkpoint_and_batches(a: argparse.Namespace, tmp: Path, have_hf: bool, sort
     log(f"checkpoint: {ckpt if a.checkpoint else 'random ' + a.config} ({time.perf_counter() - t0:.1f}s)")
     max_len = cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1
     batches = make_batches(a.lengths, a.steps, a.batch, a.length, cfg["vocab_size"], max_len, sort, a.seed + 1,
-                           device)
+                           device, a.pad_multiple)
     return ckpt, cfg, batches
 
 
@@ -875,7 +879,8 @@ def run_info(a: argparse.Namespace, device: torch.device, batches: list[Batch], 
         "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD")
                     if k in os.environ},
         "config": a.config if a.checkpoint is None else str(a.checkpoint),
-        "batch": a.batch, "lengths": a.lengths, "length": a.length if a.lengths == "fixed" else None,
+        "batch": a.batch, "lengths": a.lengths, "pad_multiple": a.pad_multiple,
+        "length": a.length if a.lengths == "fixed" else None,
         "sorted_batches": sort, "steps": a.steps, "warmup": a.warmup,
         "precision": base_dtype(a, device)[1], "precision_requested": a.precision,
         "real_tokens_per_batch_mean": real / len(batches), "padding_fraction": 1 - real / padded,

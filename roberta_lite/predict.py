@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from roberta_lite.data import PAD_MULTIPLE, collate
 from roberta_lite.formats.native import read_meta
 from roberta_lite.model import Model
 from roberta_lite.tokenizer import Tokenizer
@@ -115,12 +116,7 @@ class Predictor:
         per_pass = max(1, batch_size // n)
         for start in range(0, len(order), per_pass):
             idx = order[start:start + per_pass]
-            T = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, :len(seqs[i])] = 1
+            ids, mask = collate([seqs[i] for i in idx], pad, PAD_MULTIPLE, self.model.config.max_tokens)
             # every text once per adapter, side by side: rows (text 0, adapter 0), (text 0, adapter 1), ...
             logits = self.model(ids.repeat_interleave(n, 0).to(self.device),
                                 mask.repeat_interleave(n, 0).to(self.device), adapter=self.names * len(idx)).cpu()

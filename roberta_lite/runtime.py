@@ -37,6 +37,25 @@ def limit_heap_growth() -> None:
         pass
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory (RSS) in MB, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_resident_mb() -> float | None:
+    """The most resident memory this process has held so far, in MB (getrusage; None where it is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return round(peak / (1e6 if sys.platform == "darwin" else 1e3), 1)
+
+
 def _complete(d: Path) -> bool:
     has_weights = (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
     has_tok = (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())

@@ -869,3 +869,15 @@ def test_real_imdb_archive() -> None:
     assert not any("<br" in text.lower() for text in train.texts + test.texts)
     assert all(text.strip() for text in train.texts + test.texts)
     assert train.labels == sorted(train.labels) and test.labels == sorted(test.labels)
+
+
+def test_padded_length_and_collate_round_up_within_the_limit() -> None:
+    assert [data.padded_length(n) for n in (1, 15, 16, 17, 250)] == [16, 16, 16, 32, 256]
+    assert data.padded_length(500, 16, limit=511) == 511  # MiniLM's limit is not a multiple of 16
+    assert data.padded_length(511, 16, limit=511) == 511 and data.padded_length(7, 1) == 7
+    ids, mask = data.collate([np.array([5, 6, 7]), np.array([5])], pad_id=1, multiple=8)
+    assert ids.tolist() == [[5, 6, 7] + [1] * 5, [5] + [1] * 7]
+    assert mask.sum(1).tolist() == [3, 1] and mask.shape == (2, 8)
+    assert data.padding_fraction([[0, 1]], [3, 1], multiple=8) == pytest.approx(1 - 4 / 16)
+    with pytest.raises(ValueError, match="multiple"):
+        data.padded_length(3, 0)
