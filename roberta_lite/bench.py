@@ -87,8 +87,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roberta_lite.adapters import adapter_tensors
-from roberta_lite.model import AdapterConfig, Model
+from roberta_lite.adapters import AdapterConfig, adapter_tensors
+from roberta_lite.api import Model
 
 CONFIGS = {
     # roberta-base's shape
