@@ -19,6 +19,7 @@ Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(
 is y plus the term each adapter there computes from the inputs, for the examples the `Route` sends
 it. So one batch can mix adapters: the frozen base runs once, each adapter on its own rows.
 Everything here is float32; precision.py makes the frozen base bf16. Quirks are noted where they are.
+The K. calls are kernels.py's fast paths: K.dropout is F.dropout with a cheaper CPU mask.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None):
         h = K.dropout(self.attn(x, mask, route), self.dropout, self.training)  # (B, T, C)
-        x = self.attn_norm(self.attn_adapter(x + h, route, h, x, self.attn_norm))  # post-LN
+        x = self.attn_norm(self.attn_adapter(x + h, route, h, x, self.attn_norm))  # LN(x + h + A)
         h = K.dropout(self.ffn(x, route), self.dropout, self.training)
         return self.ffn_norm(self.ffn_adapter(x + h, route, h, x, self.ffn_norm))  # (B, T, C)
 
@@ -337,8 +338,8 @@ class RoBERTa(nn.Module):
         if merged is not None and set(names) != {merged}:
             raise RuntimeError(f"adapter {merged!r} is merged into the base weights, so every example must use "
                                f"it; unmerge_adapter() first to run {sorted(set(names) - {merged})}")
-        heads = [(names[0], None)] if len(set(names)) == 1 else [  # each name with its examples' rows
-            (n, torch.tensor([i for i, m in enumerate(names) if m == n], device=ids.device)) for n in dict.fromkeys(names)]
+        rows = {n: [i for i, m in enumerate(names) if m == n] for n in dict.fromkeys(names)}
+        heads = [(n, None if len(rows) == 1 else torch.tensor(r, device=ids.device)) for n, r in rows.items()]
         return Route([g for g in heads if g[0] != merged], heads, batch)
 
     @staticmethod
