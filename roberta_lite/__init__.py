@@ -5,9 +5,10 @@
     model.freeze_base()
 """
 
-from roberta_lite.model import AdapterConfig, Config, Model
+from roberta_lite.adapters import AdapterConfig
+from roberta_lite.api import Model
 from roberta_lite.tokenizer import Tokenizer
-from roberta_lite.weights import HF_TO_OURS, CheckpointError
+from roberta_lite.weights import HF_TO_OURS, CheckpointError, Config
 
 __all__ = ["Model", "Config", "AdapterConfig", "Tokenizer", "CheckpointError", "HF_TO_OURS"]
 __version__ = "0.1.0"

@@ -87,9 +87,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roberta_lite.adapters import adapter_tensors
+from roberta_lite.adapters import AdapterConfig, adapter_tensors
+from roberta_lite.api import Model
 from roberta_lite.data import PAD_MULTIPLE, padded_length
-from roberta_lite.model import AdapterConfig, Model
 
 CONFIGS = {
     # roberta-base's shape

@@ -38,7 +38,7 @@ import torch
 
 from roberta_lite.data import PAD_MULTIPLE, collate
 from roberta_lite.formats.native import read_meta
-from roberta_lite.model import Model
+from roberta_lite.api import Model
 from roberta_lite.tokenizer import Tokenizer
 from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
 from roberta_lite.weights import CheckpointError

@@ -50,7 +50,7 @@ except ImportError as e:  # the serve extra is optional: say how to get it, in o
                       f"pip install -e \".[serve]\"") from None
 
 from roberta_lite.batcher import AdapterGone, Batcher, QueueFull
-from roberta_lite.model import Model
+from roberta_lite.api import Model
 from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
 from roberta_lite.serve_metrics import Metrics
 from roberta_lite.tokenizer import Tokenizer

@@ -32,7 +32,8 @@ from pathlib import Path
 import httpx
 
 from roberta_lite.bench import COMMON
-from roberta_lite.model import AdapterConfig, Model
+from roberta_lite.adapters import AdapterConfig
+from roberta_lite.api import Model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -19,14 +19,27 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-if TYPE_CHECKING:  # model.py imports this module
-    from roberta_lite.model import Model
+from roberta_lite import adapters as A
+from roberta_lite import model as M
+from roberta_lite import precision as P
+
+if TYPE_CHECKING:  # api.py imports this module
+    from roberta_lite.api import Model
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: the message names the file and the key at fault."""
 
 
+# Hugging Face names -> ours, in short (a leading "roberta." stripped; .weight and .bias alike):
+#     embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm -> embed.{tok,pos,token_type}, embed.norm
+#     encoder.layer.{i}.attention.self.{query,key,value} -> rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
+#     encoder.layer.{i}.attention.output.{dense,LayerNorm} -> layers.{i}.{attn.proj,attn_norm}
+#     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} -> layers.{i}.{ffn.up,ffn.down,ffn_norm}
+#     classifier.{dense,out_proj} -> head.{dense,out};  lm_head.{dense,layer_norm,bias} -> mlm.{dense,norm,bias}
+#     dropped: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (= embed.tok.weight and mlm.bias)
+# Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
+#
 # Hugging Face key template -> our key. `{}` stands for the layer index.
 # A `(key, i)` pair is one third of a fused tensor: we keep query, key and value as one (3C, C) projection so
 # attention needs one matmul instead of three; i says which third (0 = query, 1 = key, 2 = value).
@@ -190,6 +203,16 @@ def config_fields(d: dict, source: str, config_cls: type) -> dict:
     return kw
 
 
+class Config(M.Config):
+    """The architecture (model.Config), readable from a transformers config.json: `from_hf` reads it by
+    HF_CONFIG_KEYS; other keys are ignored, but hidden_act must be gelu, position_embedding_type absolute and
+    is_decoder false (else errors)."""
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "Config":
+        return cls(**config_fields(d, source, cls))
+
+
 def hf_names(ours: list[str]) -> list[str]:
     """Our key -> the Hugging Face key it comes from, for error messages (first matching template)."""
     out = []
@@ -329,9 +352,6 @@ def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_lab
     dtype:        the frozen base's precision (torch.bfloat16 is the fast path); adapters and heads stay float32.
     The model is built on the meta device (no memory, no random init) and filled straight from the file.
     """
-    from roberta_lite import kernels as K
-    from roberta_lite.model import Config
-
     t0 = time.perf_counter()
     root = resolve_checkpoint(name_or_path, local_dir=local_dir)
     hf_cfg = read_config(root)
@@ -356,13 +376,15 @@ def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_lab
     if missing:
         raise CheckpointError(f"{root}: tensor {hf_names(missing)[0]!r} (our {missing[0]!r}) is missing"
                               + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    state = {k: v.to(dtype=K.param_dtype(k, dtype or torch.float32, k.startswith("head."))) for k, v in ours.items()}
+    state = {k: v.to(dtype=P.param_dtype(k, dtype or torch.float32, k.startswith("head."))) for k, v in ours.items()}
     model.load_state_dict(state, strict=False, assign=True)  # strictness checked above, with better messages
     fresh = [n for n, p in model.named_parameters() if p.is_meta]
     for module in model.modules():  # materialise and initialise what the file did not provide
         if any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
-            init_fresh(module, config.initializer_range)
+            M.init_weights(module, config.initializer_range)
+    if P.is_mixed(model):
+        P.mixed_precision(model)  # casts where float32 and the base dtype meet (precision.py)
     if device is not None:
         model.to(device)
     if hf_cfg.get("id2label") and keep_head:
@@ -377,17 +399,6 @@ def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_lab
     return model.eval()
 
 
-def init_fresh(module: torch.nn.Module, std: float):
-    """BERT's initialisation, for what a checkpoint does not provide (a new head). Adapters init themselves."""
-    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-        torch.nn.init.normal_(module.weight, std=std)
-    if isinstance(module, torch.nn.Linear) and module.bias is not None:
-        torch.nn.init.zeros_(module.bias)
-    if isinstance(module, torch.nn.LayerNorm):
-        torch.nn.init.ones_(module.weight)
-        torch.nn.init.zeros_(module.bias)
-
-
 FINGERPRINT_VERSION = 2  # recorded beside the fingerprint in our adapter files; files without it hold version 1
 
 
@@ -398,8 +409,6 @@ def fingerprint(model: "Model", version: int = FINGERPRINT_VERSION) -> str:
     Version 2 hashes exactly what an adapter's outputs depend on, the embeddings and the encoder layers, so one
     encoder saved with an MLM head (RobertaForMaskedLM) and without (RobertaModel) is one base. Version 1, which
     adapter files written before it record, also hashed mlm.*. Adapters and heads are never hashed."""
-    from roberta_lite import adapters as A
-
     if version not in (1, 2):
         raise ValueError(f"fingerprint version {version!r}: expected 1 or 2")
     base = A.is_base(model)

@@ -12,25 +12,14 @@ writer takes one. `load` checks the whole file against the model before anything
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from roberta_lite import adapters as A
+from roberta_lite.formats.file import AdapterFile
 from roberta_lite.weights import FINGERPRINT_VERSION, CheckpointError, resolve_checkpoint
-
-
-@dataclass
-class AdapterFile:
-    name: str | None  # the adapter's name in the file (None: the file has none)
-    config: dict  # AdapterConfig fields
-    tensors: dict[str, torch.Tensor]  # file keys -> float32 tensors
-    num_labels: int | None = None  # head output size; None when the file has no head
-    labels: list[str] | None = None  # label names, in index order
-    task: str = "classification"  # "classification" | "regression" | "multilabel"
-    base: dict = field(default_factory=dict)  # what the file says of its base (model name, fingerprint, sizes)
-    source: Path | None = None  # the weights file, for error messages
 
 
 ADAPTER_HUB_FILES = ["adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin", "head_config.json",

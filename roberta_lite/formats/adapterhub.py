@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from roberta_lite.formats import AdapterFile
+from roberta_lite.formats.file import AdapterFile
 from roberta_lite.weights import CheckpointError, atomic_write, read_json
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from roberta_lite.formats.file import AdapterFile
 from roberta_lite.weights import CheckpointError, atomic_write, read_json
 
 FORMAT = "roberta_lite"
@@ -35,8 +36,6 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def read(directory: Path, hidden_size: int, num_layers: int):
-    from roberta_lite.formats import AdapterFile
-
     meta = read_meta(directory)
     for key in REQUIRED:
         if key not in meta:

@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from roberta_lite.formats import AdapterFile
+from roberta_lite.formats.file import AdapterFile
 from roberta_lite.weights import CheckpointError, atomic_write, read_json
 
 
