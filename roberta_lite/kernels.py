@@ -58,11 +58,11 @@ def first_row(layer, x: torch.Tensor, mask: torch.Tensor | None, route) -> torch
     the two equal."""
     attn = layer.attn
     B, T, C = x.shape
-    qkv = attn.qkv_lora(attn.qkv(x), route, x)  # (B, T, 3C)
+    qkv = attn.qkv_lora(attn.qkv(x), route, x=x)  # (B, T, 3C)
     q, k, v = qkv.view(B, T, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
     y = attn.attend(q[:, :, :1], k, v, mask).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
-    h = dropout(attn.proj_lora(attn.proj(y), route, y), layer.dropout, layer.training)
+    h = dropout(attn.proj_lora(attn.proj(y), route, x=y), layer.dropout, layer.training)
     x = x[:, :1]
-    x = layer.attn_norm(layer.attn_adapter(x + h, route, h, x, layer.attn_norm))
+    x = layer.attn_norm(layer.attn_adapter(x + h, route, h=h, x=x, norm=layer.attn_norm))
     h = dropout(layer.ffn(x, route), layer.dropout, layer.training)
-    return layer.ffn_norm(layer.ffn_adapter(x + h, route, h, x, layer.ffn_norm))  # (B, 1, C)
+    return layer.ffn_norm(layer.ffn_adapter(x + h, route, h=h, x=x, norm=layer.ffn_norm))  # (B, 1, C)

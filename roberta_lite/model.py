@@ -68,23 +68,23 @@ def init_weights(module: nn.Module, std: float):
 
 @dataclass
 class Route:
-    """(adapter name, its examples' rows or None for all), for the slots and the heads (a merged LoRA: heads only)."""
-    groups: list[tuple[str, torch.Tensor | None]]
-    heads: list[tuple[str, torch.Tensor | None]]
-    batch: int
+    """Which examples each adapter gets: (name, rows), rows None when the whole batch uses that one adapter."""
+    slots: list[tuple[str, torch.Tensor | None]]  # what runs in the Slots (not a merged LoRA: it is in W)
+    heads: list[tuple[str, torch.Tensor | None]]  # whose head reads which rows
+    batch: int  # B
 
 
 class Slot(nn.ModuleDict):
-    """Where adapters sit: name -> module. Returns y plus each routed adapter's term module(*inputs)."""
-    def forward(self, y: torch.Tensor, route: Route | None, *inputs) -> torch.Tensor:
+    """Where adapters sit: name -> module. Returns y plus each routed adapter's term module(**inputs)."""
+    def forward(self, y: torch.Tensor, route: Route | None, **inputs) -> torch.Tensor:
         mixed = None  # a mixed batch's terms, each on its own examples' rows: (B, ...)
-        for name, rows in route.groups if route is not None else []:
+        for name, rows in route.slots if route is not None else []:
             if name not in self:
                 continue
             if rows is None:  # the whole batch uses this adapter
-                y = y + self[name](*inputs)
+                y = y + self[name](**inputs)
                 continue
-            term = self[name](*(t[rows] if torch.is_tensor(t) else t for t in inputs))
+            term = self[name](**{k: t[rows] if torch.is_tensor(t) else t for k, t in inputs.items()})
             mixed = term.new_zeros((route.batch, *term.shape[1:])) if mixed is None else mixed
             mixed.index_put_((rows,), term, accumulate=True)  # in place: autograd keeps no term
         return y if mixed is None else y + mixed
@@ -150,10 +150,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None):
         B, T, C = x.shape
-        qkv = self.qkv_lora(self.qkv(x), route, x)  # (B, T, 3C)
+        qkv = self.qkv_lora(self.qkv(x), route, x=x)  # (B, T, 3C)
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, C/H)
         y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)  # heads side by side again
-        return self.proj_lora(self.proj(y), route, y)
+        return self.proj_lora(self.proj(y), route, x=y)
 
     def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(q kᵀ / √d + mask) v over the keys the (B, 1, 1, T) mask keeps (True)."""
@@ -175,8 +175,8 @@ class FeedForward(nn.Module):
         self.up_lora, self.down_lora = Slot(), Slot()
 
     def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
-        g = F.gelu(self.up_lora(self.up(x), route, x))  # (B, T, 4C); exact (erf) GELU, as BERT
-        return self.down_lora(self.down(g), route, g)  # (B, T, C)
+        g = F.gelu(self.up_lora(self.up(x), route, x=x))  # (B, T, 4C); exact (erf) GELU, as BERT
+        return self.down_lora(self.down(g), route, x=g)  # (B, T, C)
 
 
 class Layer(nn.Module):
@@ -192,9 +192,9 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: Route | None):
         h = K.dropout(self.attn(x, mask, route), self.dropout, self.training)  # (B, T, C)
-        x = self.attn_norm(self.attn_adapter(x + h, route, h, x, self.attn_norm))  # LN(x + h + A)
+        x = self.attn_norm(self.attn_adapter(x + h, route, h=h, x=x, norm=self.attn_norm))  # LN(x + h + A)
         h = K.dropout(self.ffn(x, route), self.dropout, self.training)
-        return self.ffn_norm(self.ffn_adapter(x + h, route, h, x, self.ffn_norm))  # (B, T, C)
+        return self.ffn_norm(self.ffn_adapter(x + h, route, h=h, x=x, norm=self.ffn_norm))  # (B, T, C)
 
 
 class Embeddings(nn.Module):
@@ -296,7 +296,7 @@ class RoBERTa(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers[:-1]:
             x = layer(x, mask, route)
-        x = K.first_row(self.layers[-1], x, mask, route)  # = layers[-1](...)[:, :1]: <s> only
+        x = K.first_row(self.layers[-1], x, mask, route)  # = self.layers[-1](x, mask, route)[:, :1]
         return self.classify(x, route)
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -340,7 +340,7 @@ class RoBERTa(nn.Module):
                                f"it; unmerge_adapter() first to run {sorted(set(names) - {merged})}")
         rows = {n: [i for i, m in enumerate(names) if m == n] for n in dict.fromkeys(names)}
         heads = [(n, None if len(rows) == 1 else torch.tensor(r, device=ids.device)) for n, r in rows.items()]
-        return Route([g for g in heads if g[0] != merged], heads, batch)
+        return Route(slots=[g for g in heads if g[0] != merged], heads=heads, batch=batch)
 
     @staticmethod
     def key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

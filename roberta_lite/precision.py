@@ -62,8 +62,8 @@ class Embedding(nn.Embedding):
 
 
 class QKVSlot(M.Slot):
-    def forward(self, y: torch.Tensor, route, *inputs) -> torch.Tensor:
-        return super().forward(y, route, *inputs).to(y.dtype)
+    def forward(self, y: torch.Tensor, route, **inputs) -> torch.Tensor:
+        return super().forward(y, route, **inputs).to(y.dtype)
 
 
 class MaskedLMHead(M.MaskedLMHead):

@@ -186,14 +186,15 @@ def test_a_mixed_batch_runs_the_base_once(ckpt):
     ids, mask = inputs(len(MIX))
     calls: dict[str, list[int]] = {}
 
-    def hook(name):
-        return lambda module, args, out: calls.setdefault(name, []).append(args[0].shape[0])
+    def hook(name):  # the rows of the module's first input (adapters take theirs by keyword)
+        return lambda module, args, kwargs, out: calls.setdefault(name, []).append(
+            (args or tuple(kwargs.values()))[0].shape[0])
 
     base = {"embed": model.embed, **{f"{i}.{p}": m for i, layer in enumerate(model.layers)
                                      for p, m in (("qkv", layer.attn.qkv), ("proj", layer.attn.proj),
                                                   ("up", layer.ffn.up), ("down", layer.ffn.down))}}
     adapters = {n: m for n, m in model.named_modules() if isinstance(m, (Adapter, LoRA))}
-    handles = [m.register_forward_hook(hook(n)) for n, m in {**base, **adapters}.items()]
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in {**base, **adapters}.items()]
     with torch.no_grad():
         model(ids, mask, adapter=MIX)
     for h in handles:
