@@ -15,9 +15,9 @@ the adapters sit:
     value (thirds of qkv), attn_out (proj), ffn_up (up), ffn_down (down).
 The last matrix of each (up, B) starts at zero: a fresh adapter changes nothing.
 
-Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(y, route, *inputs)`
-is y plus the term each adapter there computes from the inputs, for the examples the `Route` sends
-it. So one batch can mix adapters: the frozen base runs once, each adapter on its own rows.
+Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(y, route, **inputs)`
+is y plus the term each adapter there computes from the inputs (by name: x=, or h=, x=, norm=), for
+the examples the `Route` sends it. So one batch can mix adapters: the frozen base runs once, each adapter on its own rows.
 Everything here is float32; precision.py makes the frozen base bf16. Quirks are noted where they are.
 The K. calls are kernels.py's fast paths: K.dropout is F.dropout with a cheaper CPU mask.
 """
@@ -86,7 +86,7 @@ class Slot(nn.ModuleDict):
                 continue
             term = self[name](**{k: t[rows] if torch.is_tensor(t) else t for k, t in inputs.items()})
             mixed = term.new_zeros((route.batch, *term.shape[1:])) if mixed is None else mixed
-            mixed.index_put_((rows,), term, accumulate=True)  # in place: autograd keeps no term
+            mixed[rows] = term  # (in place, so autograd saves only the row indices)
         return y if mixed is None else y + mixed
 
 
@@ -96,12 +96,12 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, 
 
 class Adapter(nn.Module):
     """Bottleneck adapter (Houlsby, Pfeiffer): its term up(act(down(a)))."""
-    def __init__(self, hidden_size: int, cfg, std: float):  # cfg: adapters.AdapterConfig
+    def __init__(self, hidden_size: int, spec, std: float):  # spec: adapters.AdapterConfig
         super().__init__()
-        self.down = nn.Linear(hidden_size, hidden_size // cfg.reduction_factor)
-        self.up = nn.Linear(hidden_size // cfg.reduction_factor, hidden_size)
-        self.act = ACTIVATIONS[cfg.activation]
-        self.reads_sum = cfg.kind == "pfeiffer"
+        self.down = nn.Linear(hidden_size, hidden_size // spec.reduction_factor)
+        self.up = nn.Linear(hidden_size // spec.reduction_factor, hidden_size)
+        self.act = ACTIVATIONS[spec.activation]
+        self.reads_sum = spec.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
         for t in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(t)
@@ -113,13 +113,13 @@ class Adapter(nn.Module):
 
 class LoRA(nn.Module):
     """Low-rank update of a frozen projection: the term scale · B A dropout(x)."""
-    def __init__(self, fan_in: int, fan_out: int, cfg):  # cfg: adapters.AdapterConfig
+    def __init__(self, fan_in: int, fan_out: int, spec):  # spec: adapters.AdapterConfig
         super().__init__()
-        self.A = nn.Parameter(torch.empty(cfg.r, fan_in))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(fan_out, cfg.r))  # (out, r)
+        self.A = nn.Parameter(torch.empty(spec.r, fan_in))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(fan_out, spec.r))  # (out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # peft's (and nn.Linear's) initialisation
-        self.scale = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)  # rsLoRA: sqrt
-        self.dropout = cfg.dropout
+        self.scale = spec.alpha / (math.sqrt(spec.r) if spec.use_rslora else spec.r)  # rsLoRA: sqrt
+        self.dropout = spec.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = K.dropout(x, self.dropout, self.training)  # = F.dropout, cheaper on CPU
@@ -130,8 +130,8 @@ class QKVLoRA(nn.ModuleDict):
     """LoRA on the fused qkv: one LoRA per part targeted, each filling its third of (B, T, 3C)."""
     PARTS = ("query", "key", "value")
 
-    def __init__(self, hidden_size: int, cfg):
-        super().__init__({p: LoRA(hidden_size, hidden_size, cfg) for p in self.PARTS if p in cfg.targets})
+    def __init__(self, hidden_size: int, spec):
+        super().__init__({p: LoRA(hidden_size, hidden_size, spec) for p in self.PARTS if p in spec.targets})
         self.hidden_size = hidden_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,22 +244,22 @@ class MaskedLMHead(nn.Module):
         return F.linear(x, embedding, self.bias)  # (B, T, vocab): decoded by the word embeddings
 
 
-def adapter_modules(config: Config, cfg) -> dict[str, nn.Module]:
+def adapter_modules(config: Config, spec) -> dict[str, nn.Module]:
     """One adapter's modules by the slot each fills, e.g. 'layers.3.ffn_adapter': Adapter."""
     C, F4, std, out = config.hidden_size, config.ffn_size, config.initializer_range, {}
-    if cfg.kind != "lora" and C // cfg.reduction_factor < 1:
-        raise ValueError(f"adapter reduction_factor {cfg.reduction_factor} leaves no bottleneck at hidden size {C}")
+    if spec.kind != "lora" and C // spec.reduction_factor < 1:
+        raise ValueError(f"adapter reduction_factor {spec.reduction_factor} leaves no bottleneck at hidden size {C}")
     lora_slots = (("attn_out", "attn.proj_lora", C, C), ("ffn_up", "ffn.up_lora", C, F4), ("ffn_down", "ffn.down_lora", F4, C))
     for i in range(config.num_layers):
-        if cfg.kind == "houlsby":
-            out[f"layers.{i}.attn_adapter"] = Adapter(C, cfg, std)
-        if cfg.kind in ("houlsby", "pfeiffer"):
-            out[f"layers.{i}.ffn_adapter"] = Adapter(C, cfg, std)
-        if cfg.kind == "lora" and set(QKVLoRA.PARTS) & set(cfg.targets):
-            out[f"layers.{i}.attn.qkv_lora"] = QKVLoRA(C, cfg)
-        for target, slot, fan_in, fan_out in lora_slots if cfg.kind == "lora" else ():
-            if target in cfg.targets:
-                out[f"layers.{i}.{slot}"] = LoRA(fan_in, fan_out, cfg)
+        if spec.kind == "houlsby":
+            out[f"layers.{i}.attn_adapter"] = Adapter(C, spec, std)
+        if spec.kind in ("houlsby", "pfeiffer"):
+            out[f"layers.{i}.ffn_adapter"] = Adapter(C, spec, std)
+        if spec.kind == "lora" and set(QKVLoRA.PARTS) & set(spec.targets):
+            out[f"layers.{i}.attn.qkv_lora"] = QKVLoRA(C, spec)
+        for target, slot, fan_in, fan_out in lora_slots if spec.kind == "lora" else ():
+            if target in spec.targets:
+                out[f"layers.{i}.{slot}"] = LoRA(fan_in, fan_out, spec)
     return out
 
 
