@@ -74,10 +74,6 @@ class Model(M.RoBERTa):
         formats.load(self, source, name, replace)
         return self
 
-    _unmerge: list = []  # (weight, its value before merging), to unmerge bit for bit
-    _fingerprints: dict[int, str] = {}  # base_fingerprint(version), each computed once
-    _active: str | None = None
-
     @property
     def active_adapter(self) -> str | None:
         """The adapter forward passes use when they name none (None: the model's own classifier)."""
