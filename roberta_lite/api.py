@@ -12,6 +12,7 @@ import torch
 from roberta_lite import adapters as A
 from roberta_lite import formats
 from roberta_lite import model as M
+from roberta_lite import quantize as Q
 from roberta_lite import weights as W
 from roberta_lite.adapters import AdapterConfig
 
@@ -22,6 +23,7 @@ class Model(M.RoBERTa):
     _unmerge: list = []  # (weight, its value before merging), to unmerge bit for bit
     _fingerprints: dict[int, str] = {}  # base_fingerprint(version), each computed once
     _active: str | None = None
+    quantized: str | None = None  # "int8" after quantize("int8")
 
     def __init__(self, config: M.Config, num_labels: int = 2, adapter: AdapterConfig | str | None = None,
                  mlm_head: bool = False):
@@ -63,6 +65,7 @@ class Model(M.RoBERTa):
 
     def freeze_base(self) -> str:
         """Train only the active adapter and its head (else `head`); rerun it after switching. Returns a summary."""
+        Q.refuse(self, "freeze_base")
         return A.freeze_base(self)
 
     def save_adapter(self, directory: str | os.PathLike, name: str | None = None, format: str = "roberta_lite"):
@@ -126,12 +129,21 @@ class Model(M.RoBERTa):
 
     def merge_adapter(self, name: str | None = None) -> "Model":
         """Fold a LoRA adapter into the base weights: inference then costs exactly the base's time."""
+        Q.refuse(self, "merge_adapter")
         A.merge(self, name)
         return self
 
     def unmerge_adapter(self) -> "Model":
         """Restore the base weights bit for bit (they were kept when merging)."""
+        Q.refuse(self, "unmerge_adapter")
         A.unmerge(self)
+        return self
+
+    def quantize(self, scheme: str = "int8") -> "Model":
+        """Make the frozen base int8 for CPU inference, in place (quantize.py): its matmul weights int8 per output
+        channel, activations quantized on the fly; adapters, heads, embeddings and LayerNorms stay as they are.
+        Inference only; merge a LoRA first if wanted. Returns the model, in eval mode."""
+        Q.quantize(self, scheme)
         return self
 
     def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> "Model":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from roberta_lite import quantize as Q
 from roberta_lite.weights import resolve_checkpoint
 
 WEIGHTS_DIR = Path("weights")  # hub downloads land in weights/<hub id>/, relative to the working directory
@@ -154,4 +155,19 @@ def select_dtype(precision: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def base_dtype(precision: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
+    """select_dtype, or with --quantize (a scheme of quantize.py) float32 on the CPU: the int8 matmuls are quantized
+    from the float32 weights and run beside float32 embeddings, LayerNorms and attention."""
+    if quantize is None:
+        return select_dtype(precision, device)
+    Q.check_scheme(quantize)
+    if device.type != "cpu":
+        raise ValueError(f"--quantize {quantize}: the int8 base runs on the CPU, not on {device} (use --device cpu, or "
+                         f"bf16 on a GPU)")
+    if precision == "bf16":
+        raise ValueError(f"--quantize {quantize} with --precision bf16: the int8 base is quantized from float32 "
+                         f"weights and runs beside float32 LayerNorms and attention; leave --precision at auto")
     return torch.float32
