@@ -54,12 +54,12 @@ from roberta_lite import adapters as A
 from roberta_lite import checkpoint as CK
 from roberta_lite import data as D
 from roberta_lite import weights as W
-from roberta_lite.runtime import (limit_heap_growth, peak_resident_mb, resident_mb, resolve_base, select_device,
-                                  select_dtype)
+from roberta_lite.runtime import (base_dtype, limit_heap_growth, peak_resident_mb, resident_mb, resolve_base,
+                                  select_device, select_dtype)
 from roberta_lite.tasks import TASKS, Task
 # Flags that only steer this invocation; every other flag defines the training run and must match on --resume.
 RUN_CONTROL = {"resume", "output", "save_every", "stop_after_steps", "device", "cache_dir", "test_limit",
-               "eval_batch_size", "threads", "pad_multiple"}
+               "eval_batch_size", "threads", "pad_multiple", "quantize"}
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -182,6 +182,9 @@ def _running_arguments(g: argparse._ArgumentGroup):
     g.add_argument("--threads", type=_int_at_least(1),
                    help="CPU threads per process (default: torch's choice; torchrun sets 1 per process)")
     g.add_argument("--eval-batch-size", type=_int_at_least(1), default=64, help="examples per evaluation batch")
+    g.add_argument("--quantize", choices=["int8"], help="validate and test on an int8 copy of the frozen base (CPU; "
+                                                        "the adapter is copied into it before each pass); training "
+                                                        "itself stays float")
     g.add_argument("--pad-multiple", type=_int_at_least(1), default=D.PAD_MULTIPLE,
                    help="round each batch's length up to a multiple of this: few distinct shapes, so memory levels "
                         "off (1: pad to the longest text only)")
@@ -332,7 +335,14 @@ def predict_all(model: Model, seqs: list[np.ndarray], *, batch_size: int, pad_id
 
 
 def evaluate(run: "Run", model: Model, split: "Split", desc: str) -> dict[str, float]:
-    """The task's metrics (and loss) over a whole split."""
+    """The task's metrics (and loss) over a whole split (with --quantize, of the adapter as it is now on the int8
+    base)."""
+    if run.int8 is not None:
+        with torch.no_grad():
+            for (_, mine), (_, theirs) in zip(A.adapter_tensors(model, model.active_adapter),
+                                              A.adapter_tensors(run.int8, run.int8.active_adapter)):
+                theirs.copy_(mine)
+        model = run.int8
     logits = predict_all(model, split.tokens, batch_size=run.args.eval_batch_size, pad_id=model.config.pad_id,
                          device=run.device, rank=run.rank, world=run.world, desc=desc,
                          pad_multiple=run.args.pad_multiple)
@@ -376,6 +386,7 @@ class Run:
     config: dict  # the flags that define the run (saved with checkpoints and metrics)
     task: Task
     resume: tuple | None = None  # (state, tensors, directory)
+    int8: Model | None = None  # --quantize: the int8 base that validation and test run the adapter on
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -524,6 +535,13 @@ def build_model(run: Run, base_dir: Path, base_name: str, arch: Config, label_na
     run.say(f"model: {base_name} ({arch.num_layers} layers, hidden {arch.hidden_size}) + {what}; {summary}")
     run.say(f"device: {run.device}, base precision {str(dtype).removeprefix('torch.')}, {run.world} "
             f"process{'es' if run.world > 1 else ''}, {torch.get_num_threads()} CPU threads each")
+    if run.args.quantize:  # an int8 twin of the base with the same adapter and head, for validation and test
+        twin = Model.from_pretrained(base_dir, dtype=base_dtype("auto", run.device, run.args.quantize),
+                                     device=run.device)
+        twin.add_adapter(name, adapter_config(run.args), num_labels=num_outputs, labels=label_names,
+                         task=run.task.kind)
+        run.int8 = twin.quantize(run.args.quantize)
+        run.say(f"validation and test: on an {run.args.quantize} copy of the base")
     return model
 
 
@@ -738,6 +756,7 @@ def finish(run: Run, model: Model, splits: dict[str, Split], p: Progress, best_w
                                                [len(s) for s in splits["train"].tokens], run.args.pad_multiple,
                                                model.config.max_tokens),
         "device": str(run.device), "dtype": str(next(model.layers[0].parameters()).dtype).removeprefix("torch."),
+        "eval_quantize": run.args.quantize,
         "world_size": run.world, "examples": {"validation" if k == "val" else k: s.size for k, s in splits.items()},
         "labels": label_names, "replaced_non_utf8": train_ds.replaced, "base_model": base_name,
         "trainable_parameters": sum(q.numel() for q in model.parameters() if q.requires_grad),

@@ -40,7 +40,7 @@ from roberta_lite.data import PAD_MULTIPLE, collate
 from roberta_lite.formats.native import read_meta
 from roberta_lite.api import Model
 from roberta_lite.tokenizer import Tokenizer
-from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
+from roberta_lite.runtime import base_dtype, limit_heap_growth, resolve_base, select_device
 from roberta_lite.weights import CheckpointError
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -74,7 +74,8 @@ class Predictor:
     """A base model with one trained adapter, or several sharing the base, ready to classify batches of texts."""
 
     def __init__(self, adapter: str | os.PathLike | list[str | os.PathLike], *, model: str | None = None,
-                 device: str = "auto", precision: str = "auto", max_length: int | None = None):
+                 device: str = "auto", precision: str = "auto", max_length: int | None = None,
+                 quantize: str | None = None):
         self.several = not isinstance(adapter, (str, os.PathLike))
         sources = list(adapter) if self.several else [adapter]
         if not sources:
@@ -85,12 +86,15 @@ class Predictor:
             raise CheckpointError(f"{Path(sources[0]) / 'adapter_config.json'}: no base_model recorded; pass --model")
         root, _ = resolve_base(base)
         self.device = select_device(device)
-        self.model = Model.from_pretrained(root, dtype=select_dtype(precision, self.device), device=self.device)
+        dtype = base_dtype(precision, self.device, quantize)  # quantize="int8": an int8 base (quantize.py)
+        self.model = Model.from_pretrained(root, dtype=dtype, device=self.device)
         self.names = []  # the adapters' names in the model, in the order given
         for i, src in enumerate(sources):  # files of one task are often all named "default": number them
             self.model.load_adapter(src, name=f"adapter{i}" if self.several else None)
             self.names.append(self.model.active_adapter)
         self.keys = [str(src) for src in sources]
+        if quantize is not None:
+            self.model.quantize(quantize)
         self.model.to(self.device).eval()
         self.tokenizer = Tokenizer.from_pretrained(root)
         limit = self.model.config.max_tokens
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="base model directory or hub id (default: the one the adapter records)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="base model precision")
+    p.add_argument("--quantize", choices=["int8"], help="run the frozen base in int8 on the CPU (faster; see README)")
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's limit)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="rows per forward pass: texts, or texts x adapters with several adapters")
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             raise _UsageError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
         adapter = args.adapter[0] if len(args.adapter) == 1 else args.adapter
         predictor = Predictor(adapter, model=args.model, device=args.device, precision=args.precision,
-                              max_length=args.max_length)
+                              max_length=args.max_length, quantize=args.quantize)
         for i, result in enumerate(predictor(texts, args.batch_size, pairs)):
             line = {"text": texts[i], **({"text_pair": pairs[i]} if pairs else {})}
             line.update({"adapters": result} if predictor.several else result)

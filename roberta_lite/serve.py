@@ -51,7 +51,7 @@ except ImportError as e:  # the serve extra is optional: say how to get it, in o
 
 from roberta_lite.batcher import AdapterGone, Batcher, QueueFull
 from roberta_lite.api import Model
-from roberta_lite.runtime import limit_heap_growth, resolve_base, select_device, select_dtype
+from roberta_lite.runtime import base_dtype, limit_heap_growth, resolve_base, select_device
 from roberta_lite.serve_metrics import Metrics
 from roberta_lite.tokenizer import Tokenizer
 from roberta_lite.weights import CheckpointError
@@ -124,7 +124,7 @@ class Service:
 
 def load_service(model: str, adapters: dict[str, str], *, device: str = "auto", precision: str = "auto",
                  max_length: int | None = None, merge: str | None = None, limits: Limits | None = None,
-                 admin_token: str | None = None, **batching) -> Service:
+                 admin_token: str | None = None, quantize: str | None = None, **batching) -> Service:
     """Load the base once and every adapter onto it (names -> directories or hub ids). `merge`: a LoRA adapter to
     fold into the base weights, allowed when it is the only one. `batching`: Batcher's window, max_tokens,
     max_rows, max_queue, batching."""
@@ -133,7 +133,7 @@ def load_service(model: str, adapters: dict[str, str], *, device: str = "auto", 
             raise ValueError(f"--adapter {name!r}: a name is 1-64 letters, digits, '_' or '-'")
     root, _ = resolve_base(model)
     dev = select_device(device)
-    net = Model.from_pretrained(root, dtype=select_dtype(precision, dev), device=dev)
+    net = Model.from_pretrained(root, dtype=base_dtype(precision, dev, quantize), device=dev)
     for name, source in adapters.items():
         try:
             net.load_adapter(source, name=name)
@@ -148,6 +148,8 @@ def load_service(model: str, adapters: dict[str, str], *, device: str = "auto", 
             net.merge_adapter(merge)
         except (KeyError, ValueError, RuntimeError) as e:
             raise ValueError(f"--merge {merge}: {one_line(e)}") from None
+    if quantize is not None:  # after merging: a LoRA is merged into the float weights, then quantized with them
+        net.quantize(quantize)
     net.to(dev).eval()
     limit = net.config.max_tokens
     if max_length is not None and not 2 <= max_length <= limit:
@@ -380,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="base model precision")
+    p.add_argument("--quantize", choices=["int8"], help="run the frozen base in int8 on the CPU (after --merge)")
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's limit)")
     p.add_argument("--admin-token", help="enable PUT/DELETE /v1/adapters/NAME for requests bearing this token")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
@@ -409,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         sock = bind(args.host, args.port)
         service = load_service(args.model, adapters, device=args.device, precision=args.precision,
                                max_length=args.max_length, merge=args.merge, limits=limits,
-                               admin_token=args.admin_token, window=args.batch_window_ms / 1000,
+                               admin_token=args.admin_token, quantize=args.quantize,
+                               window=args.batch_window_ms / 1000,
                                max_tokens=args.batch_tokens, max_rows=args.batch_rows, max_queue=args.max_queue,
                                batching=not args.no_batching)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:

@@ -396,6 +396,29 @@ def test_merged_lora_equals_unmerged(tiny_roberta, files):
         server.close()
 
 
+def test_quantize_int8_serves_every_adapter_near_the_float_outputs(tiny_roberta, files):
+    """--quantize int8 (after --merge when given): the outputs of the float model's, to int8 precision."""
+    server = Live(tiny_roberta, {n: files[n] for n in SERVED}, quantize="int8", admin_token="s3cret")
+    try:
+        assert server.service.model.quantized == "int8"
+        for name in SERVED:
+            r = server.predict(name, TEXTS + PAIRS)
+            for out, logits in zip(r.json()["outputs"], expected(tiny_roberta, files[name], TEXTS + PAIRS)):
+                got = torch.tensor([out["score"]] if "score" in out else list(out["probabilities"].values()))
+                want = logits if "score" in out else logits.sigmoid() if "labels" in out else logits.softmax(-1)
+                assert (got - want).abs().max() < 0.02, (name, out, want)
+        assert admin(server, "PUT", "lo", json={"source": str(files["lo"])}).status_code == 201  # onto int8
+    finally:
+        server.close()
+    merged = Live(tiny_roberta, {"lo": files["lo"]}, merge="lo", quantize="int8")
+    try:
+        out = merged.predict("lo", TEXTS).json()["outputs"]
+        for o, logits in zip(out, expected(tiny_roberta, files["lo"], TEXTS)):
+            assert abs(o["probabilities"]["yes"] - float(logits.softmax(-1)[1])) < 0.02
+    finally:
+        merged.close()
+
+
 def test_command_line_errors_are_one_line(tiny_roberta, files, capsys):
     base = str(tiny_roberta)
     for argv, words in (([f"--model={base}", "--adapter", "nope"], "--adapter 'nope'"),
@@ -405,6 +428,8 @@ def test_command_line_errors_are_one_line(tiny_roberta, files, capsys):
                         ([f"--model={base}", "--adapter", f"a={files['sentiment']}", "--merge", "a"], "--merge a"),
                         ([f"--model={base}", "--adapter", f"a={files['sentiment']}", "--port", "99999"], "--port"),
                         ([f"--model={base}", "--adapter", f"a.b={files['sentiment']}"], "'a.b'"),
+                        ([f"--model={base}", "--adapter", f"a={files['sentiment']}", "--quantize", "int8",
+                          "--precision", "bf16"], "--precision bf16"),
                         ([f"--model={base}"], "--adapter")):
         assert main(argv + ["--port", "0"] if "--port" not in argv else argv) == 2
         err = capsys.readouterr().err

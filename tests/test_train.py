@@ -581,3 +581,25 @@ def test_batch_lengths_round_up_to_few_shapes(tiny_roberta, cache, tmp_path, mon
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["peak_rss_mb"] > 0
     assert all(r["rss_mb"] > 0 for r in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines()))
+
+
+def test_quantize_int8_evaluates_the_trained_adapter_on_an_int8_base(tiny_roberta, cache, tmp_path, capsys):
+    """--quantize int8: training is the float run's, step for step (the same adapter file); validation and test
+    run that adapter on an int8 copy of the base, so their losses move a little, not much."""
+    data = write_jsonl(tmp_path / "d.jsonl", [(t, "pos" if y else "neg") for t, y in examples(100, 0)])
+    runs = {}
+    for name, extra in (("plain", []), ("int8", ["--quantize", "int8"])):
+        out = tmp_path / name
+        rc, stdout, err = run_main(["--data", str(data), "--output", str(out), *common(tiny_roberta, cache),
+                                    "--precision", "fp32", *extra], capsys)
+        assert rc == 0, err[-3000:]
+        assert ("on an int8 copy of the base" in stdout) == (name == "int8")
+        runs[name] = (check_outputs(out), load_file(out / "adapter.safetensors"))
+    (m_float, w_float), (m_int8, w_int8) = runs["plain"], runs["int8"]
+    assert w_float.keys() == w_int8.keys() and all(torch.equal(w_float[k], w_int8[k]) for k in w_float)
+    assert m_float["eval_quantize"] is None and m_int8["eval_quantize"] == "int8"
+    assert m_int8["epochs"][0]["train_loss"] == m_float["epochs"][0]["train_loss"]
+    for key in ("test_loss", "val_loss"):
+        a, b = m_float[key] if key == "test_loss" else m_float["epochs"][-1][key], \
+            m_int8[key] if key == "test_loss" else m_int8["epochs"][-1][key]
+        assert a != b and abs(a - b) < 0.01 * a, (key, a, b)
