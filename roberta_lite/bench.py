@@ -549,6 +549,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write results here (atomically)")
     p.add_argument("--quiet", action="store_true", help="only the table")
+    p.add_argument("--int8", action="store_true",
+                   help="inference only: roberta_lite's int8 base against its best float one, transformers fp32/bf16, "
+                        "transformers + torch dynamic int8 and ONNX Runtime int8 (pip install -e '.[bench]')")
+    p.add_argument("--int8-fp32", action="store_true", help="with --int8: also time roberta_lite fp32")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch < 1 or a.length < 2 or a.warmup < 0:
         p.error("--steps and --batch must be >= 1, --length >= 2, --warmup >= 0")
@@ -563,6 +567,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "--compile and --lengths")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
+    if a.int8 and (a.device != "cpu" or a.adapters or a.adapter == "lora" or a.fp32 or a.compile):
+        p.error("--int8 times CPU inference of the Houlsby rows: drop --device cuda, --adapters, --adapter lora, "
+                "--fp32 (its fp32 rows are always there) and --compile")
     return a
 
 
@@ -587,6 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
         return main_many(a)
     if a.adapter == "lora":
         return main_lora(a)
+    if a.int8:
+        return main_int8(a)
     log, device, notes, load_start = setup(a)
     dtype, precision = base_dtype(a, device)
     sort = a.sort if a.sort is not None else device.type == "cuda"
@@ -1151,6 +1160,162 @@ def format_table(d: dict) -> str:
     for n in d["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- --int8
+
+def main_int8(a: argparse.Namespace) -> dict:
+    """CPU inference: roberta_lite with an int8 base (Model.quantize) against roberta_lite's best float precision
+    (--precision; bf16 where the CPU has it; fp32 too with --int8-fp32), transformers fp32 and bf16 autocast (sdpa, or --hf-attn),
+    transformers with torch's dynamic int8 (torch.ao.quantization.quantize_dynamic on every nn.Linear), and ONNX
+    Runtime's dynamic int8 (the fp32 transformers model, adapters included, exported by torch.onnx and quantized by
+    onnxruntime.quantization.quantize_dynamic: int8 weights, per output channel). Rows without their package are
+    left out with a note. Every row's logits on batch 0 against roberta_lite fp32's: relative error."""
+    import copy
+
+    log, device, notes, load_start = setup(a)
+    dtype, precision = base_dtype(a, device)
+    impl = "sdpa" if a.hf_attn == "auto" else a.hf_attn
+    with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
+        ckpt, cfg, batches = checkpoint_and_batches(a, Path(tmp), True, False, device, log)
+        lite = load_lite(ckpt, dtype, device, a.seed)
+        rows = [lite_row(lite, precision, device)]
+        lite32 = load_lite(ckpt, torch.float32, device, a.seed)  # the reference for the logits (timed with --fp32)
+        copy_adapters(lite, lite32)
+        if precision != "fp32" and a.int8_fp32:
+            rows.append(lite_row(lite32, "fp32", device))
+        q = load_lite(ckpt, torch.float32, device, a.seed)  # frozen (freeze_base) before it is quantized
+        copy_adapters(lite, q)
+        q.quantize("int8")
+        rows.insert(0, Contender("roberta_lite int8", "roberta_lite", "Model.from_pretrained(dtype=torch.float32)"
+                                 ".quantize('int8'): int8 base (per-channel weights, per-token activations), fp32 "
+                                 "rest", q, _lite_call(q), precision="int8"))
+        hf = load_hf(ckpt, lite, device, impl)
+        rows += [hf_row(hf, impl, "fp32", device, False), hf_row(hf, impl, "bf16", device, False)]
+        hfq = _torch_dynamic_int8(copy.deepcopy(hf))
+        rows.append(Contender(f"transformers fp32 {impl} + torch int8", "transformers",
+                              "torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8) "
+                              "(fbgemm/x86 defaults: per-tensor weights and activations, 7-bit activations)",
+                              hfq, _hf_call(hfq), precision="int8"))
+        ort_row = _onnxruntime_int8(hf, batches, Path(tmp), notes, log)
+        if ort_row is not None:
+            rows.append(ort_row)
+        for n in notes:
+            log(f"note: {n}")
+        ref = eval_logits(rows, batches[0], device)
+        base = eval_logits([lite_row(lite32, "fp32", device)], batches[0], device)["roberta_lite fp32"]
+        parity = {k: float((v - base).norm() / base.norm()) for k, v in ref.items() if k != "roberta_lite fp32"}
+        log("logits on batch 0, |row - roberta_lite fp32| / |roberta_lite fp32|: "
+            + ", ".join(f"{k}: {v:.2e}" for k, v in parity.items()))
+        results, probe = time_rows({"infer": rows}, batches, cfg, device, a.warmup, log)
+    out = results["infer"]
+    summary = transformers_ratios(results)
+    by = {o["label"]: o for o in out}
+    mine = by["roberta_lite int8"]
+    for o in out:
+        o["x_vs_roberta_lite_int8"] = o["tokens_per_s"] / mine["tokens_per_s"]
+    summary += [f"infer: roberta_lite int8 / {o['label']} = {mine['tokens_per_s'] / o['tokens_per_s']:.2f}x tokens/s"
+                for o in out if o is not mine]
+    summary += [f"logits on batch 0, relative error against roberta_lite fp32: {k} {v:.2e}" for k, v in parity.items()]
+    data = {
+        **run_info(a, device, batches, False, load_start, probe, notes),
+        "transformers": _version("transformers"), "onnxruntime": _version("onnxruntime"),
+        "cpu_flags": _cpu_flags(), "adapter": ADAPTER.to_dict(), "dropout": dropout_info(a, cfg),
+        "transformers_attention": {"infer": impl},
+        "parity_max_abs_diff": {}, "logits_relative_error_vs_roberta_lite_fp32": parity,
+        "results": results, "summary": list(dict.fromkeys(summary)),
+    }
+    data["matmul_peak_tflops"]["int8"] = int8_matmul_peak()
+    return finish(a, data, log)
+
+
+def _torch_dynamic_int8(model: nn.Module) -> nn.Module:
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in torch 2.13; it is the opponent here
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+class _OrtModel(nn.Module):
+    """An ONNX Runtime session as a module the timing loop can call (train/eval do nothing)."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        feed = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def _onnxruntime_int8(hf: nn.Module, batches: list[Batch], tmp: Path, notes: list[str],
+                      log: Callable[[str], None]) -> Contender | None:
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        notes.append("onnxruntime is not installed (pip install -e '.[bench]'): no ONNX Runtime row")
+        return None
+    import contextlib
+    import io
+    import warnings
+
+    t0 = time.perf_counter()
+    b = batches[0]
+    dim = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
+    fp32, int8 = tmp / "model.onnx", tmp / "model.int8.onnx"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            hf.eval()
+            torch.onnx.export(hf, (b.ids, b.mask), str(fp32), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamo=True, dynamic_shapes=(dim, dim))
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    except Exception as e:  # an exporter without onnxscript, or one that fails on this model: say so, go on
+        notes.append(f"ONNX export/quantization failed, no ONNX Runtime row: {' '.join(str(e).split())[:300]}")
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])
+    log(f"ONNX Runtime int8: exported and quantized in {time.perf_counter() - t0:.1f}s")
+    m = _OrtModel(session)
+    return Contender("onnxruntime int8", "onnxruntime",
+                     f"onnxruntime {ort.__version__} CPUExecutionProvider, torch.onnx.export(dynamo=True) of the "
+                     f"transformers fp32 model + quantize_dynamic(weight_type=QInt8, per_channel=True), "
+                     f"{opts.intra_op_num_threads} intra-op threads", m, m, precision="int8")
+
+
+def int8_matmul_peak(tokens: int = 2048, reps: int = 7) -> float:
+    """TOP/s of roberta_lite's int8 linear (quantize.Int8Linear) on the matmul_peak shape, (tokens, 768) x
+    (768, 3072), its per-token quantization included."""
+    from roberta_lite.quantize import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 768, generator=g)
+    lin = Int8Linear(nn.Linear(768, 3072), "peak")
+    with torch.inference_mode():
+        lin(x)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            lin(x)
+            ts.append(time.perf_counter() - t0)
+    return 2 * tokens * 768 * 3072 / statistics.median(ts) / 1e12
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's vector and matrix flags that decide bf16 and int8 speed."""
+    wanted = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile"}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(wanted & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
 
 
 if __name__ == "__main__":

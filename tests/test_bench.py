@@ -199,3 +199,32 @@ def test_adapter_flops():
     per_weight = 2 * 12 * 2 * 8 * 256  # input and weight gradients, 2 FLOPs per weight, 12 layers, 8 x 256 tokens
     more = bench.adapter_weights(cfg, bench.LORA) - bench.adapter_weights(cfg, bench.ADAPTER)
     assert lora_bwd - houlsby_bwd == 2 * core + per_weight * more
+
+
+def test_bench_int8_rows(tmp_path, capsys):
+    """--int8: roberta_lite int8 beside its float row, transformers fp32/bf16 and + torch int8, and ONNX Runtime
+    int8 when onnxruntime is installed (else a note says it is left out); every row's logits near fp32's."""
+    pytest.importorskip("transformers")
+    try:
+        import onnxruntime  # noqa: F401
+        have_ort = True
+    except ImportError:
+        have_ort = False
+    out = tmp_path / "int8.json"
+    data = bench.main(["--int8", "--config", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--length",
+                       "32", "--precision", "bf16", "--json", str(out), "--quiet"])
+    assert "roberta_lite int8" in capsys.readouterr().out
+    rows = _rows(json.loads(out.read_text()), "infer")
+    want = {"roberta_lite int8", "roberta_lite bf16", "transformers fp32 sdpa", "transformers bf16-autocast sdpa",
+            "transformers fp32 sdpa + torch int8"} | ({"onnxruntime int8"} if have_ort else set())
+    assert set(rows) == want
+    assert any("onnxruntime is not installed" in n for n in data["notes"]) != have_ort
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["x_vs_roberta_lite_int8"] == pytest.approx(r["tokens_per_s"] / rows["roberta_lite int8"]["tokens_per_s"])
+    assert data["matmul_peak_tflops"]["int8"] > 0 and "fraction_of_matmul_peak" in rows["roberta_lite int8"]
+    errors = data["logits_relative_error_vs_roberta_lite_fp32"]
+    assert set(errors) == want and errors["transformers fp32 sdpa"] < 1e-5
+    assert all(errors[k] < 0.1 for k in want)  # int8 rows: a few percent at most on the tiny model
+    with pytest.raises(SystemExit):
+        bench.main(["--int8", "--adapter", "lora", "--config", "tiny"])
