@@ -20,8 +20,8 @@ MiniLM classifier's logits moved 10.8% (relative) from float32. So each token is
 first and its output row multiplied back, which makes the one scale a per-token one: 3.3%, for 88 ms instead of
 72 at the shapes above (error on Gaussian inputs with outlier tokens: 0.9% against 5%).
 
-Inference only. Refused with a RuntimeError: a forward pass in training mode or one that would backpropagate
-through the base, freeze_base, merging or unmerging a LoRA (merge first, then quantize), reading or saving the
+Inference only. Refused with a RuntimeError: a forward pass in training mode, a backward pass through an int8
+layer, freeze_base, merging or unmerging a LoRA (merge first, then quantize), reading or saving the
 base weights (state_dict), quantizing twice or another scheme. The base fingerprints (weights.fingerprint, versions
 1 and 2) are computed from the float weights before they go, so adapter files move freely between the float and
 the int8 base.
@@ -47,6 +47,21 @@ def vnni() -> bool:
     activations use 7 bits, as torch's own default for x86 does."""
     cpu = getattr(torch._C, "_cpu", None)
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_vnni_supported", "_is_amx_tile_supported"))
+
+
+class _NoBackward(torch.autograd.Function):
+    """Passes an int8 layer's output on; a backward pass through it is an error, so a forward pass whose input
+    carries gradients (a trainable adapter or base part before the layer) still runs, for inference."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        ctx.name = name
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(f"{ctx.name} is int8: gradients cannot flow back through the quantized base (inference "
+                           f"only); train on the float base and load the adapter onto this one")
 
 
 class Int8Linear(nn.Module):
@@ -80,14 +95,11 @@ class Int8Linear(nn.Module):
         if self.training:
             raise RuntimeError(f"{self.name} is int8: the quantized base runs inference only; call model.eval(), "
                                f"or train on the float base and load the adapter onto this one")
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"{self.name} is int8 and cannot pass gradients back (its input requires grad: "
-                               f"a trainable adapter or base part before it); run under torch.no_grad(), or train "
-                               f"on the float base")
-        x = x.float()
-        t = torch.maximum(x.amax(dim=-1, keepdim=True), -x.amin(dim=-1, keepdim=True)).clamp_min(1e-30)  # max |x|
-        y = torch.ops.quantized.linear_dynamic((x / t).contiguous(), self._packed, self.reduce_range)
-        return y * t if self.bias is None else torch.addcmul(self.bias, y, t)  # b + t · W (x / t)
+        v = x.detach().float()
+        t = torch.maximum(v.amax(dim=-1, keepdim=True), -v.amin(dim=-1, keepdim=True)).clamp_min(1e-30)  # max |v|
+        y = torch.ops.quantized.linear_dynamic((v / t).contiguous(), self._packed, self.reduce_range)
+        y = y * t if self.bias is None else torch.addcmul(self.bias, y, t)  # b + t · W (v / t)
+        return _NoBackward.apply(x, y, self.name) if x.requires_grad and torch.is_grad_enabled() else y
 
     @property
     def weight(self):

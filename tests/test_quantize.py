@@ -239,9 +239,12 @@ def test_refusals(tiny_roberta, inputs, tmp_path):
     with pytest.raises(RuntimeError, match="layers.0.attn.qkv is int8: the quantized base runs inference only"):
         model(ids, mask)
     model.eval()
-    model.embed.norm.weight.requires_grad_(True)  # a trainable base part: gradients would flow through int8
-    with pytest.raises(RuntimeError, match="cannot pass gradients back"):
-        model(ids, mask)
+    for trainable in (model.embed.norm.weight, model.layers[0].ffn_adapter["houlsby"].up.weight):
+        trainable.requires_grad_(True)  # a base part or an adapter before an int8 layer: inference still runs,
+        out = model(ids, mask)  # (not under no_grad)
+        assert torch.allclose(out, want, atol=1e-6)
+        with pytest.raises(RuntimeError, match="gradients cannot flow back through the quantized base"):
+            out.sum().backward()  # training through the int8 base does not
     model.embed.norm.weight.requires_grad_(False)
     with pytest.raises(RuntimeError, match="saving the int8 base is refused"):
         model.state_dict()
