@@ -39,6 +39,7 @@ from roberta_lite import adapters as A
 SCHEMES = ("int8",)
 BASE_LINEARS = ("attn.qkv", "attn.proj", "ffn.up", "ffn.down")  # in every layer; and mlm.dense
 ENGINE = "onednn"  # 72 ms against fbgemm's 81 (module docstring); the packed weights remember their engine
+CHUNK = 1024  # tokens per kernel call: at 32 x 256, roberta-base, 1 thread, 7.7 s per pass instead of 9.2 (512: 7.8)
 
 
 def vnni() -> bool:
@@ -95,11 +96,22 @@ class Int8Linear(nn.Module):
         if self.training:
             raise RuntimeError(f"{self.name} is int8: the quantized base runs inference only; call model.eval(), "
                                f"or train on the float base and load the adapter onto this one")
-        v = x.detach().float()
+        v = x.detach().float().reshape(-1, self.in_features)
+        if v.shape[0] <= CHUNK:
+            y = self.rows(v)
+        else:  # in chunks: each chunk's temporaries stay in cache between the passes over them
+            y = torch.empty(v.shape[0], self.out_features)
+            for i in range(0, v.shape[0], CHUNK):
+                y[i:i + CHUNK] = self.rows(v[i:i + CHUNK])
+        y = y.view(*x.shape[:-1], self.out_features)
+        return _NoBackward.apply(x, y, self.name) if x.requires_grad and torch.is_grad_enabled() else y
+
+    def rows(self, v: torch.Tensor) -> torch.Tensor:
+        """(N, in) float32 -> (N, out): each row scaled to a largest |value| of 1, so the kernel's one scale for
+        the whole input is, in effect, one per row; the output rows scaled back."""
         t = torch.maximum(v.amax(dim=-1, keepdim=True), -v.amin(dim=-1, keepdim=True)).clamp_min(1e-30)  # max |v|
         y = torch.ops.quantized.linear_dynamic((v / t).contiguous(), self._packed, self.reduce_range)
-        y = y * t if self.bias is None else torch.addcmul(self.bias, y, t)  # b + t · W (v / t)
-        return _NoBackward.apply(x, y, self.name) if x.requires_grad and torch.is_grad_enabled() else y
+        return y * t if self.bias is None else torch.addcmul(self.bias, y, t)  # b + t · W (v / t)
 
     @property
     def weight(self):
