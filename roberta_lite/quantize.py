@@ -89,7 +89,6 @@ class Int8Linear(nn.Module):
         finally:
             torch.backends.quantized.engine = previous
         self.reduce_range = not vnni()
-        self.weight_bytes = w.numel() + 4 * self.out_features  # int8 values + float32 scales
         self.train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,14 +154,14 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
                            f"(use bf16 on a GPU)")
     for version in (1, 2):  # of the float weights, before they go: adapter files keep naming this base
         model.base_fingerprint(version)
-    adapter_params = {id(p) for n in model.adapter_configs for _, p in A.adapter_tensors(model, n)}
+    swaps = []  # all made before any is swapped in: a failure leaves the model as it was
     for name, parent, attr in base_linears(model):
         linear = getattr(parent, attr)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"quantize: {name} is a {type(linear).__name__}, not a Linear")
-        if any(id(p) in adapter_params for p in linear.parameters()):
-            raise RuntimeError(f"quantize: {name} holds adapter weights")
-        setattr(parent, attr, Int8Linear(linear, name))
+        swaps.append((parent, attr, Int8Linear(linear, name)))
+    for parent, attr, int8 in swaps:
+        setattr(parent, attr, int8)
     base = A.is_base(model)
     for name, p in model.named_parameters():  # embeddings and LayerNorms: frozen with the rest of the base
         if base[name]:

@@ -284,3 +284,24 @@ def test_predict_quantize_int8(tiny_roberta, tmp_path, capsys):
         assert predict_main(args + bad) != 0
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+
+
+def test_a_failed_quantize_leaves_the_model_as_it_was(tiny_roberta, inputs, monkeypatch):
+    ids, mask = inputs
+    model = float_model(tiny_roberta, ["houlsby"])
+    want = run(model, ids, mask)
+    made, Int8Linear = [], Q.Int8Linear
+
+    def fails_on_the_third(linear, name):
+        if len(made) == 2:
+            raise RuntimeError("no int8 kernel here")
+        made.append(name)
+        return Int8Linear(linear, name)
+
+    monkeypatch.setattr(Q, "Int8Linear", fails_on_the_third)
+    with pytest.raises(RuntimeError, match="no int8 kernel here"):
+        model.quantize("int8")
+    assert model.quantized is None and not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert torch.equal(run(model, ids, mask), want)
+    monkeypatch.undo()
+    assert model.quantize("int8").quantized == "int8"  # and it can be quantized after all
