@@ -7,6 +7,7 @@
     python -m roberta_lite.predict --adapter A --adapter B TEXT...        # several tasks at once
     python -m roberta_lite.predict --adapter NLI --pair "A man sleeps." "Nobody is awake."   # sentence pairs
     python -m roberta_lite.predict --adapter NLI --file pairs.jsonl      # {"text": ..., "text_pair": ...}
+    python -m roberta_lite.predict --adapter DIR --quantize int8 TEXT... # an int8 base on the CPU (quantize.py)
 
 What a result holds follows the adapter's task: classification {"label", "probability", "probabilities"};
 regression {"score"}; multilabel {"labels": every label above 0.5, "probabilities": {label: p, ...}}.

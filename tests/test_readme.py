@@ -52,17 +52,20 @@ def test_train_lines_parse():
         train.parse_args(argv)  # argparse exits on an unknown flag or a bad value
 
 
-def test_predict_line_runs(tiny_roberta, tmp_path, monkeypatch, capsys):
-    [argv] = command_lines("python -m roberta_lite.predict")
+def test_predict_lines_run(tiny_roberta, tmp_path, monkeypatch, capsys):
+    lines = command_lines("python -m roberta_lite.predict")
+    assert len(lines) >= 2  # the Training section's and the int8 section's (--quantize int8)
     monkeypatch.chdir(tmp_path)
-    where = argv[argv.index("--adapter") + 1]
-    model = Model.from_pretrained(tiny_roberta)
-    model.add_adapter("imdb", "houlsby", labels=["neg", "pos"])
-    model.save_adapter(where)
-    assert predict.main([*argv, "--precision", "fp32"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["text"] for r in rows] == ["A wonderful film.", "Dull."]
-    assert all(r["label"] in ("neg", "pos") for r in rows)
+    for argv in lines:
+        where = argv[argv.index("--adapter") + 1]
+        model = Model.from_pretrained(tiny_roberta)
+        model.add_adapter("imdb", "houlsby", labels=["neg", "pos"])
+        model.save_adapter(where)
+        assert predict.main([*argv, "--precision", "fp32"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        texts = [a for i, a in enumerate(argv) if not a.startswith("--") and not argv[i - 1].startswith("--")]
+        assert [r["text"] for r in rows] == texts
+        assert all(r["label"] in ("neg", "pos") for r in rows)
 
 
 @pytest.mark.parametrize("prefix", ["train.py", "python -m roberta_lite.predict"])
