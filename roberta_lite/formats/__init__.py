@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from roberta_lite import adapters as A
-from roberta_lite import model as M
 from roberta_lite.formats.file import AdapterFile
 from roberta_lite.weights import FINGERPRINT_VERSION, CheckpointError, resolve_checkpoint
 
@@ -69,7 +68,9 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
     _check_head(f, where)
-    expected = _expected_shapes(model, cfg, f)
+    expected = A.expected_shapes(model, cfg, f.num_labels or 1, f.task)
+    if f.num_labels is None:
+        expected = {k: s for k, s in expected.items() if not k.startswith("head.")}
     missing, unexpected = sorted(set(expected) - set(f.tensors)), sorted(set(f.tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{f.source or where}: missing tensors {missing[:3]}, unexpected tensors "
@@ -79,17 +80,6 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
             raise CheckpointError(f"{f.source or where}: tensor {k!r} has shape {tuple(t.shape)}, this model "
                                   f"expects {expected[k]} (adapter saved for another base?)")
     return replace(f, config=cfg)
-
-
-def _expected_shapes(model, cfg: A.AdapterConfig, f: AdapterFile) -> dict[str, tuple[int, ...]]:
-    """File key -> shape of the adapter's tensors and of its head's, by the file's task: a token head is out only
-    (TokenHead), a sentence head dense and out (ClassificationHead)."""
-    shapes = {k: s for k, s in A.expected_shapes(model, cfg, f.num_labels or 1).items() if not k.startswith("head.")}
-    if f.num_labels is not None:
-        head = M.TokenHead if f.task == "token-classification" else M.ClassificationHead
-        with torch.device("meta"):
-            shapes.update({f"head.{k}": tuple(p.shape) for k, p in head(model.config, f.num_labels).named_parameters()})
-    return shapes
 
 
 def _check_head(f: AdapterFile, where: Path) -> None:
