@@ -24,7 +24,7 @@ from test_parity import TOL, max_diff  # noqa: E402
 TAGS = ["O", "B-person", "I-person", "B-loc", "I-loc"]
 K = len(TAGS)
 TOKEN = "token-classification"
-FIGURES: dict[str, float] = {}  # test id -> max |logit difference| over real tokens, printed with -s
+FIGURES: dict[str, tuple[float, float]] = {}  # test id -> (max |logit difference|, max |logit|) over real tokens
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_read_parity(base, tmp_path, kind, act, safe, request):
     mine = token_logits(ours(base, f), ids, mask)
     assert mine.shape == theirs.shape == (*ids.shape, K) and mine.dtype == torch.float32
     err = max_diff(theirs, mine, mask)
-    FIGURES[request.node.name] = err
+    FIGURES[request.node.name] = err, theirs[mask.bool()].abs().max().item()
     assert err <= TOL
 
 
@@ -110,8 +110,9 @@ def test_static_token_head(base, tmp_path, request):
     f = ah.read(tmp_path, C, L)
     assert (f.num_labels, f.labels, f.task) == (K, [f"LABEL_{i}" for i in range(K)], TOKEN)
     ids, mask = inputs()
-    err = max_diff(hub_logits(m, ids, mask), token_logits(ours(base, f), ids, mask), mask)
-    FIGURES[request.node.name] = err
+    theirs = hub_logits(m, ids, mask)
+    err = max_diff(theirs, token_logits(ours(base, f), ids, mask), mask)
+    FIGURES[request.node.name] = err, theirs[mask.bool()].abs().max().item()
     assert err <= TOL
 
 
@@ -135,7 +136,7 @@ def test_write_parity(base, tmp_path, kind, act, request):
     theirs = hub_logits(m.eval(), ids, mask, head="ours")
     assert theirs.shape == mine.shape == (*ids.shape, K)
     err = max_diff(mine, theirs, mask)
-    FIGURES[request.node.name] = err
+    FIGURES[request.node.name] = err, theirs[mask.bool()].abs().max().item()
     assert err <= TOL
 
 
@@ -169,6 +170,15 @@ def test_key_table_is_what_the_library_saves(base):
         shapes = ah.expected_shapes({"kind": kind, "reduction_factor": 4}, K, C, L, TOKEN)
         assert {ah.their_key(k, "wnut-16", keys=ah.key_table(TOKEN) if k.startswith("head.") else ah.KEYS)
                 for k in shapes} == theirs
+
+
+def test_tagging_options_cover_the_library(base):
+    """Every option TaggingHead takes or saves is decided on (must-be or free): a new one is not silently accepted."""
+    import inspect
+
+    taken = set(inspect.signature(adapters.TaggingHead.__init__).parameters) - {"self", "model", "head_name"}
+    saved = set(tagging_model(base, "seq_bn").heads["ner"].config)
+    assert taken | saved == ah.TAGGING_HEAD_KEYS and saved == ah.TAGGING_HEAD_KEYS - {"id2label"}
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -293,8 +303,9 @@ def test_peft_token_cls_read(token_base, tmp_path, request):
     model = Model.from_pretrained(token_base).load_adapter(tmp_path).eval()
     assert type(model.active_head).__name__ == "TokenHead"
     ids, mask = inputs()
-    err = max_diff(hub_logits(m, ids, mask), token_logits(model, ids, mask), mask)
-    FIGURES[request.node.name] = err
+    theirs = hub_logits(m, ids, mask)
+    err = max_diff(theirs, token_logits(model, ids, mask), mask)
+    FIGURES[request.node.name] = err, theirs[mask.bool()].abs().max().item()
     assert err <= TOL
 
 
@@ -312,8 +323,9 @@ def test_peft_token_cls_write(token_base, tmp_path, request):
     assert (cfg["task_type"], cfg["modules_to_save"]) == ("TOKEN_CLS", ["classifier"])
     m = peft.PeftModel.from_pretrained(RobertaForTokenClassification.from_pretrained(str(token_base)), str(tmp_path))
     ids, mask = inputs()
-    err = max_diff(token_logits(model, ids, mask), hub_logits(m.eval(), ids, mask), mask)
-    FIGURES[request.node.name] = err
+    theirs = hub_logits(m.eval(), ids, mask)
+    err = max_diff(token_logits(model, ids, mask), theirs, mask)
+    FIGURES[request.node.name] = err, theirs[mask.bool()].abs().max().item()
     assert err <= TOL
     again = Model.from_pretrained(token_base).load_adapter(tmp_path)
     assert (again.active_head.task, again.active_head.labels) == (TOKEN, TAGS)
@@ -335,6 +347,6 @@ def test_peft_sentence_head_under_token_cls_is_refused(token_base, tmp_path):
 
 
 def test_print_figures():
-    """Run with -s to see the parity figures of this session (max |logit difference| per test)."""
-    for name, err in sorted(FIGURES.items()):
-        print(f"{name}: {err:.2e}")
+    """Run with -s to see the parity figures of this session (max |logit difference| and max |logit| per test)."""
+    for name, (err, size) in sorted(FIGURES.items()):
+        print(f"{name}: {err:.2e} (max |logit| {size:.1f})")
