@@ -95,6 +95,35 @@ def test_load_adapter_gives_a_token_head(base, tmp_path):
     assert max_diff(hub_logits(m, ids, mask), token_logits(model, ids, mask), mask) <= TOL
 
 
+def test_mixed_batch_of_loaded_taggers(base, tmp_path):
+    """Two library taggers with different tag sets in one batch: each row is its own adapter's logits, the narrower
+    head padded with -inf; a library classification adapter in the same batch is refused (model.RoBERTa's answer)."""
+    from test_adapterhub import hub_model
+
+    tagging_model(base, "double_seq_bn", name="ner", seed=1).save_adapter(str(tmp_path / "ner"), "ner")
+    m = adapters.AutoAdapterModel.from_pretrained(str(base))
+    m.add_adapter("pos", config="seq_bn")
+    m.add_tagging_head("pos", num_labels=2, id2label={0: "NOUN", 1: "VERB"})
+    randomize(m, ("adapters.pos.", "heads.pos."), seed=2)
+    m.save_adapter(str(tmp_path / "pos"), "pos")
+    hub_model(base, library_config("pfeiffer", "relu"), name="sst").save_adapter(str(tmp_path / "sst"), "sst")
+    model = Model.from_pretrained(base)
+    for name in ("ner", "pos", "sst"):
+        model.load_adapter(tmp_path / name)
+    model.eval()
+    ids, mask = inputs()
+    rows = ["pos", "ner", "ner", "pos"]
+    mixed = token_logits(model, ids, mask, adapter=rows)
+    assert mixed.shape == (*ids.shape, K)
+    for i, name in enumerate(rows):
+        own = token_logits(model, ids[i:i + 1], mask[i:i + 1], adapter=name)[0]
+        width = own.shape[-1]
+        assert max_diff(mixed[i:i + 1, :, :width], own[None], mask[i:i + 1]) <= TOL
+        assert bool((mixed[i, :, width:] == float("-inf")).all())
+    with pytest.raises(ValueError, match="token and sentence"):
+        model(ids, mask, adapter=["ner", "sst", "ner", "pos"])
+
+
 def test_static_token_head(base, tmp_path, request):
     """adapters.init(RobertaForTokenClassification): the head is transformers' own classifier.weight / .bias."""
     from transformers import RobertaForTokenClassification
