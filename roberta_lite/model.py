@@ -101,13 +101,13 @@ class Adapter(nn.Module):
         self.down = nn.Linear(hidden_size, hidden_size // spec.reduction_factor)
         self.up = nn.Linear(hidden_size // spec.reduction_factor, hidden_size)
         self.act = ACTIVATIONS[spec.activation]
-        self.reads_sum = spec.kind == "pfeiffer"
+        self.reads_norm = spec.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
         for t in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(t)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        a = norm(x + h) if self.reads_sum else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
+        a = norm(x + h) if self.reads_norm else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
         return self.up(self.act(self.down(a)))  # (B, T, C) -> (B, T, C/f) -> (B, T, C)
 
 
@@ -295,7 +295,7 @@ class RoBERTa(nn.Module):
         return self.classify(x, route)
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Masked-LM logits (B, T, vocab) at every position."""
+        """Masked-LM logits (B, T, vocab) at every position (through the active adapter, if any)."""
         if self.mlm is None:
             raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* in its file)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
