@@ -19,7 +19,7 @@ Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(
 is y plus the term each adapter there computes from the inputs (by name: x=, or h=, x=, norm=), for
 the examples the `Route` sends it. So one batch can mix adapters: the frozen base runs once, each adapter on its own rows.
 Everything here is float32; precision.py makes the frozen base bf16. Quirks are noted where they are.
-The K. calls are kernels.py's fast paths: K.dropout is F.dropout with a cheaper CPU mask.
+The K. calls are kernels.py's fast paths: K.dropout (F.dropout, a cheaper CPU mask), K.first_row.
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ class Adapter(nn.Module):
         self.down = nn.Linear(hidden_size, hidden_size // spec.reduction_factor)
         self.up = nn.Linear(hidden_size // spec.reduction_factor, hidden_size)
         self.act = ACTIVATIONS[spec.activation]
-        self.reads_sum = spec.kind == "pfeiffer"
+        self.reads_norm = spec.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
         for t in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(t)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        a = norm(x + h) if self.reads_sum else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
+        a = norm(x + h) if self.reads_norm else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
         return self.up(self.act(self.down(a)))  # (B, T, C) -> (B, T, C/f) -> (B, T, C)
 
 
@@ -283,40 +283,40 @@ class RoBERTa(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits from each example's adapter's head (no adapter: `head`): (B, K), or a TokenHead's (B, T, K)."""
+        """Logits from each example's adapter's head (no adapter: `head`): (B, labels); TokenHeads' (B, T, labels)."""
         route = self.route(adapter, input_ids)
-        mask = self.key_mask(attention_mask)
+        mask, every_token = self.key_mask(attention_mask), self.labels_every_token(route)
         x = self.embed(input_ids)
         for layer in self.layers[:-1]:
             x = layer(x, mask, route)
-        if self.labels_tokens(route):  # a TokenHead reads every token's row
+        if every_token:  # a TokenHead reads every token's row (padding's too: the loss ignores those)
             return self.classify(self.layers[-1](x, mask, route), route)
         x = K.first_row(self.layers[-1], x, mask, route)  # = self.layers[-1](x, mask, route)[:, :1]
         return self.classify(x, route)
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Masked-LM logits (B, T, vocab) at every position."""
+        """Masked-LM logits (B, T, vocab) at every position (through the active adapter, if any)."""
         if self.mlm is None:
             raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* in its file)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
 
-    def labels_tokens(self, route: Route | None) -> bool:
-        """Whether this batch's heads are TokenHeads; one batch cannot mix them with sentence heads."""
-        names = [n for n, _ in route.heads] if route else [None]
-        token = [isinstance(self.heads[n] if n else self.head, TokenHead) for n in names]
+    def labels_every_token(self, route: Route | None) -> bool:
+        """True when this batch's heads are TokenHeads; one batch cannot mix them with sentence heads."""
+        heads = {"": self.head} if route is None else {n: self.heads[n] for n, _ in route.heads}
+        token = [isinstance(h, TokenHead) for h in heads.values()]
         if len(set(token)) > 1:
-            raise ValueError(f"one batch mixes token and sentence heads ({', '.join(names)}): run them apart")
+            raise ValueError(f"one batch mixes token and sentence heads ({', '.join(heads)}): run them apart")
         return token[0]
 
     def classify(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
-        """Each example's logits from its head: (B, K) or (B, T, K); in a mixed batch, padded with -inf to K."""
+        """Each example's logits from its head; in a mixed batch, narrower heads padded with -inf to the widest."""
         if route is None:
             return self.head(x)
         if len(route.heads) == 1:
             return self.heads[route.heads[0][0]](x)
         parts = [(rows, self.heads[name](x[rows])) for name, rows in route.heads]
         width = max(y.shape[-1] for _, y in parts)
-        out = x.new_full((route.batch, *parts[0][1].shape[1:-1], width), float("-inf"), dtype=parts[0][1].dtype)
+        out = x.new_full((route.batch, *parts[0][1].shape[1:-1], width), float("-inf"))  # (B, width) or (B, T, width)
         for rows, y in parts:
             out = out.index_copy(0, rows, F.pad(y, (0, width - y.shape[-1]), value=float("-inf")))
         return out
