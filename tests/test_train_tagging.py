@@ -147,6 +147,27 @@ def test_conll_and_jsonl_of_one_data_train_identically(tiny_roberta, tmp_path, c
         assert runs[0][k] == runs[1][k], k
 
 
+def test_resume_a_tagging_run(tiny_roberta, tmp_path, capsys):
+    """Stopped mid-epoch 2 and resumed, a tagging run ends with the uninterrupted run's weights and metrics."""
+    from safetensors.torch import load_file
+
+    data = write_conll(tmp_path / "t.conll", tagged_sentences(60, 5))
+    full = run_train(capsys, tiny_roberta, data, tmp_path / "a", "--save-every", "3")
+    per_epoch = full["epochs"][0]["step"]
+    b = tmp_path / "b"
+    rc = train.main(["--data", str(data), "--output", str(b), "--model", str(tiny_roberta), "--epochs", "2",
+                     "--batch-size", "8", "--threads", "1", "--precision", "fp32", "--save-every", "3", *TASK,
+                     "--stop-after-steps", str(per_epoch + 2)])
+    assert rc == 0 and not (b / "metrics.json").exists(), capsys.readouterr().err
+    assert train.main(["--output", str(b), "--resume", "--threads", "1"]) == 0, capsys.readouterr().err
+    resumed = json.loads((b / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] == per_epoch + 2 and resumed["task"] == "token-classification"
+    for key in ("test_f1", "test_precision", "test_recall", "test_accuracy", "test_loss", "val_f1", "best_epoch"):
+        assert resumed[key] == full[key], key
+    wa, wb = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(b / "adapter.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _bad(tmp: Path, case: str) -> tuple[list[str], str, str]:
     """(train.py flags, the file at fault, the message's tail) of a bad tagging file."""
     good = tagged_sentences(20, 4)
