@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Adapter fine-tuning of a frozen RoBERTa (classification, sentence pairs, regression, multilabel): data in,
-trained adapter + metrics out.
+"""Adapter fine-tuning of a frozen RoBERTa (classification, sentence pairs, regression, multilabel, token
+classification): data in, trained adapter + metrics out.
 
     python train.py --data imdb                              # roberta-base + Houlsby adapters on IMDB
     python train.py --data reviews.csv --model ./my-roberta  # any CSV/JSONL/aclImdb data, any local checkpoint
+    python train.py --data ner.conll --task token-classification  # BIO tags per word: CoNLL or JSONL files
     python train.py --data imdb --resume                     # continue from weights/adapters/imdb-houlsby/checkpoint
     torchrun --nproc_per_node=4 train.py --data imdb         # DistributedDataParallel, one process per GPU
     python -m roberta_lite.predict --adapter weights/adapters/imdb-houlsby "A wonderful film."
@@ -120,7 +121,9 @@ def _data_arguments(g: argparse._ArgumentGroup):
                    "(required unless --resume)")
     g.add_argument("--task", choices=D.TASKS, default="classification",
                    help="classification: one class per text; regression: one number (MSE loss, Pearson/Spearman); "
-                        "multilabel: a list of labels per text (JSON list or a|b in CSV; sigmoid + BCE, F1)")
+                        "multilabel: a list of labels per text (JSON list or a|b in CSV; sigmoid + BCE, F1); "
+                        "token-classification: a BIO tag per word (CoNLL .conll/.txt or JSONL {tokens, tags}; "
+                        "entity F1)")
     g.add_argument("--text-columns", help="the text column, or two comma-separated columns for sentence pairs "
                    "(default: 'text', plus 'text_pair' when the file has it; GLUE: e.g. sentence1,sentence2)")
     g.add_argument("--label-column", help="the label column (default: 'label')")
@@ -200,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_output(data: str, adapter: str) -> Path:
-    name = "imdb" if data == "imdb" else re.sub(r"(\.tar)?\.(gz|tgz|bz2|xz|tar|csv|tsv|jsonl|json)$", "",
+    name = "imdb" if data == "imdb" else re.sub(r"(\.tar)?\.(gz|tgz|bz2|xz|tar|csv|tsv|jsonl|json|conll|txt)$", "",
                                                   Path(data.rstrip("/\\")).name) or "data"
     return Path("weights") / "adapters" / f"{name}-{adapter}"
 
@@ -313,25 +316,30 @@ def _fused_if_supported(device: torch.device) -> dict:
 def predict_all(model: Model, seqs: list[np.ndarray], *, batch_size: int, pad_id: int, device: torch.device,
                 rank: int, world: int, desc: str, pad_multiple: int = D.PAD_MULTIPLE) -> torch.Tensor:
     """Logits for every example, float32 on the CPU, in the order of `seqs`; length-sorted batches, split
-    across ranks and gathered back."""
+    across ranks and gathered back. A token head's (B, T, K) logits come back as one (T_i, K) tensor per example
+    (its own tokens, padding dropped), in a list."""
     was_training = model.training
     model.eval()
     batches = D.length_batches([len(s) for s in seqs], batch_size=batch_size, shuffle=False)[rank::world]
     rows, parts = [], []
     for batch in tqdm(batches, desc=desc, leave=False, disable=rank != 0, unit="batch"):
         ids, mask = D.collate([seqs[i] for i in batch], pad_id, pad_multiple, model.config.max_tokens)
-        parts.append(model(ids.to(device), mask.to(device)).float().cpu())
+        logits = model(ids.to(device), mask.to(device)).float().cpu()
+        parts.extend(logits[row, :len(seqs[i])].clone() if logits.dim() == 3 else logits[row]
+                     for row, i in enumerate(batch))
         rows.extend(batch)
     model.train(was_training)
-    mine = (rows, torch.cat(parts) if parts else torch.zeros(0, model.num_labels))
-    gathered = [mine]
+    gathered = [(rows, parts)]
     if world > 1:
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, mine)
-    out = torch.empty(len(seqs), model.num_labels)
+        torch.distributed.all_gather_object(gathered, (rows, parts))
+    out: list = [None] * len(seqs)
     for r, logits in gathered:
-        out[torch.tensor(r, dtype=torch.long)] = logits
-    return out
+        for i, row in zip(r, logits):
+            out[i] = row
+    if out and out[0].dim() == 2:  # per token
+        return out
+    return torch.stack(out) if out else torch.zeros(0, model.num_labels)
 
 
 def evaluate(run: "Run", model: Model, split: "Split", desc: str) -> dict[str, float]:
@@ -401,8 +409,9 @@ class Run:
 @dataclass
 class Split:
     tokens: list[np.ndarray]
-    y: torch.Tensor  # labels as the task's loss wants them
+    y: torch.Tensor  # labels as the task's loss wants them (token classification: tagging.TokenTargets)
     size: int
+    cut: int = 0  # token classification: sentences cut at --max-length
 
 
 @dataclass
@@ -506,10 +515,12 @@ def load_splits(run: Run, base_dir: Path, arch: Config) -> tuple[dict[str, Split
     datasets = {"train": train_ds, "val": val_ds, "test": test_ds}
     tokens = rank0_first(run, lambda: {k: D.tokenize_dataset(ds, tokenizer, args.max_length, cache=cache)
                                        for k, ds in datasets.items()})  # pairs joined: <s> A </s></s> B </s>
-    splits = {k: Split(t.seqs, run.task.label_tensor(t.labels), len(t)) for k, t in tokens.items()}
+    splits = {k: Split(t.seqs, run.task.label_tensor(t.labels), len(t), t.cut) for k, t in tokens.items()}
     lengths = np.array([len(s) for s in splits["train"].tokens])
-    run.say(f"tokens: {lengths.sum():,} in training texts, mean {lengths.mean():.0f}, "
-            f"{100 * np.mean(lengths >= args.max_length):.1f}% cut at {args.max_length} "
+    cut = (f"sentences cut at {args.max_length} tokens (their last words unlabelled): "
+           + ", ".join(f"{s.cut:,} of {s.size:,} {k}" for k, s in splits.items())) if args.task == D.TOKEN_TASK \
+        else f"{100 * np.mean(lengths >= args.max_length):.1f}% cut at {args.max_length}"
+    run.say(f"tokens: {lengths.sum():,} in training texts, mean {lengths.mean():.0f}, {cut} "
             f"({time.perf_counter() - t0:.1f}s)")
     if tokenizer.pad_id != arch.pad_id:
         run.say(f"warning: the tokenizer pads with id {tokenizer.pad_id}, config.json says pad_token_id "
@@ -601,7 +612,8 @@ def train_step(run: Run, net, opt, model: Model, split: Split, batch: list[int],
     t = time.perf_counter()
     ids, mask = D.collate([split.tokens[i] for i in batch], model.config.pad_id, run.args.pad_multiple,
                           model.config.max_tokens)
-    ids, mask, y = ids.to(run.device), mask.to(run.device), split.y[batch].to(run.device)
+    y = run.task.batch_labels(split.y, batch, ids.shape[1])
+    ids, mask, y = ids.to(run.device), mask.to(run.device), y.to(run.device)
     lr = lr_at(p.step, schedule["total_steps"], schedule["warmup_steps"], run.args.lr)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -747,7 +759,8 @@ def finish(run: Run, model: Model, splits: dict[str, Split], p: Progress, best_w
     primary = run.task.primary
     metrics = {
         **{f"test_{k}": v for k, v in test.items()},
-        f"val_{primary}": [h[f"val_{primary}"] for h in p.history], "best_epoch": p.best["epoch"],
+        **{f"val_{k}": [h[f"val_{k}"] for h in p.history] for k in test if k not in ("loss", "per_type")},
+        "best_epoch": p.best["epoch"],
         f"best_val_{primary}": p.best["metrics"][primary], "epochs": p.history, "task": run.task.kind,
         "train_tokens_per_second": p.tokens / max(p.train_seconds, 1e-9), "train_tokens": p.tokens,
         "train_seconds": p.train_seconds, "wall_seconds": wall, "peak_rss_mb": peak_resident_mb(), "steps": p.step,
@@ -759,6 +772,7 @@ def finish(run: Run, model: Model, splits: dict[str, Split], p: Progress, best_w
         "eval_quantize": run.args.quantize,
         "world_size": run.world, "examples": {"validation" if k == "val" else k: s.size for k, s in splits.items()},
         "labels": label_names, "replaced_non_utf8": train_ds.replaced, "base_model": base_name,
+        **({"sentences_cut": {k: s.cut for k, s in splits.items()}} if run.task.kind == D.TOKEN_TASK else {}),
         "trainable_parameters": sum(q.numel() for q in model.parameters() if q.requires_grad),
         "adapter": model.adapter_config.to_dict(), "rank_weight_digests": digests, "config": run.config,
     }

@@ -6,7 +6,7 @@ adapter named N puts one small module under the key N into each slot its kind us
 `heads[N]`. So N's parameters are `layers.3.ffn_adapter.N.down.weight`, `heads.N.out.weight`, ...; its file keys
 are the same names with `.N` taken out (see `adapter_tensors`).
 
-Which slots each kind fills is model.adapter_modules; how each example reaches its adapter and head is
+Which slots each kind fills is `modules` below; how each example reaches its adapter and head is
 model.RoBERTa.route and .classify. This module is the bookkeeping around them: adding, deleting, freezing, merging.
 """
 
@@ -28,7 +28,7 @@ from roberta_lite.model import ACTIVATIONS
 BOTTLENECK_KINDS = ("houlsby", "pfeiffer")
 KINDS = (*BOTTLENECK_KINDS, "lora")
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
-TASKS = ("classification", "regression", "multilabel")
+TASKS = ("classification", "regression", "multilabel", "token-classification")  # the last: a TokenHead
 
 
 @dataclass
@@ -98,17 +98,40 @@ class AdapterConfig:
 
 # ---------------------------------------------------------------------------------------------- adding and removing
 
+def modules(config: M.Config, spec: "AdapterConfig") -> dict[str, nn.Module]:
+    """One adapter's modules by the slot each fills, e.g. 'layers.3.ffn_adapter': Adapter."""
+    C, F4, std, out = config.hidden_size, config.ffn_size, config.initializer_range, {}
+    if spec.kind != "lora" and C // spec.reduction_factor < 1:
+        raise ValueError(f"adapter reduction_factor {spec.reduction_factor} leaves no bottleneck at hidden size {C}")
+    lora_slots = (("attn_out", "attn.proj_lora", C, C), ("ffn_up", "ffn.up_lora", C, F4), ("ffn_down", "ffn.down_lora", F4, C))
+    for i in range(config.num_layers):
+        if spec.kind == "houlsby":
+            out[f"layers.{i}.attn_adapter"] = M.Adapter(C, spec, std)
+        if spec.kind in ("houlsby", "pfeiffer"):
+            out[f"layers.{i}.ffn_adapter"] = M.Adapter(C, spec, std)
+        if spec.kind == "lora" and set(M.QKVLoRA.PARTS) & set(spec.targets):
+            out[f"layers.{i}.attn.qkv_lora"] = M.QKVLoRA(C, spec)
+        for target, slot, fan_in, fan_out in lora_slots if spec.kind == "lora" else ():
+            if target in spec.targets:
+                out[f"layers.{i}.{slot}"] = M.LoRA(fan_in, fan_out, spec)
+    return out
+
+
 def build(model, cfg: AdapterConfig) -> dict[str, nn.Module]:
-    """One adapter's modules by slot path (model.adapter_modules), cast as the base's precision needs."""
-    modules = M.adapter_modules(model.config, cfg)
-    return {path: P.mixed_precision(m) if P.is_mixed(model) else m for path, m in modules.items()}
+    """One adapter's modules by slot path (`modules`), cast as the base's precision needs."""
+    return {path: P.mixed_precision(m) if P.is_mixed(model) else m for path, m in modules(model.config, cfg).items()}
 
 
-def expected_shapes(model: "M.RoBERTa", cfg: AdapterConfig, num_labels: int) -> dict[str, tuple[int, ...]]:
-    """File key -> shape of everything an adapter of this config (with a head of num_labels) holds."""
+def head_class(task: str) -> type[nn.Module]:
+    return M.TokenHead if task == "token-classification" else M.ClassificationHead
+
+
+def expected_shapes(model: "M.RoBERTa", cfg: AdapterConfig, num_labels: int,
+                    task: str = "classification") -> dict[str, tuple[int, ...]]:
+    """File key -> shape of everything an adapter of this config (with a head of num_labels for task) holds."""
     with torch.device("meta"):
-        modules = {**M.adapter_modules(model.config, cfg), "head": M.ClassificationHead(model.config, num_labels)}
-    return {f"{path}.{k}": tuple(p.shape) for path, m in modules.items() for k, p in m.named_parameters()}
+        parts = {**modules(model.config, cfg), "head": head_class(task)(model.config, num_labels)}
+    return {f"{path}.{k}": tuple(p.shape) for path, m in parts.items() for k, p in m.named_parameters()}
 
 
 def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[str] | None, task: str, replace: bool):
@@ -119,12 +142,18 @@ def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[
         raise ValueError(f"adapter name {name!r}: expected a non-empty string without '.'")
     if name in model.adapter_configs and not replace:
         raise ValueError(f"adapter {name!r} already exists (delete_adapter it, or pass replace=True)")
+    own = model.head  # the model's own classifier
+    task = task or ("token-classification" if isinstance(own, M.TokenHead) else "classification")
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
-    modules = build(model, cfg)  # validates before anything changes
-    device = model.embed.tok.weight.device
-    if num_labels is None and labels is not None and len(labels) != model.head.num_labels:
+    same_kind = isinstance(own, head_class(task))
+    if num_labels is None and labels is not None and (len(labels) != own.num_labels or not same_kind):
         num_labels = len(labels)  # names for another number of outputs than the model's classifier has: a new head
+    if num_labels is None and not same_kind:
+        raise ValueError(f"task {task!r} needs a {head_class(task).__name__}, and the model's own head is a "
+                         f"{type(own).__name__}: give num_labels or labels")
+    parts = build(model, cfg)  # validates before anything changes
+    device = model.embed.tok.weight.device
     if num_labels is None:  # start from the model's own classifier: its trained weights if the checkpoint had one
         head = copy.deepcopy(model.head)
         head.task = task
@@ -136,18 +165,19 @@ def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[
             raise RuntimeError(f"adapter {name!r} is merged into the base weights: unmerge_adapter() first")
         _remove(model, name)
     slots = dict(model.named_modules())
-    for path, m in modules.items():
+    for path, m in parts.items():
         slots[path][name] = m.to(device).train(model.training)
     model.heads[name] = head.to(device).train(model.training)
     model.adapter_configs[name] = cfg
     model.active_adapter = name
 
 
-def new_head(model: "M.RoBERTa", num_labels: int, labels: Sequence[str] | None, task: str) -> M.ClassificationHead:
-    """A freshly initialised classification head with these output names (default LABEL_i) and task kind."""
+def new_head(model: "M.RoBERTa", num_labels: int, labels: Sequence[str] | None, task: str) -> nn.Module:
+    """A freshly initialised head for the task (a TokenHead for token-classification) with these output names
+    (default LABEL_i)."""
     if labels is not None and len(labels) != num_labels:
         raise ValueError(f"labels: {len(labels)} names for {num_labels} outputs")
-    head = M.ClassificationHead(model.config, num_labels)
+    head = head_class(task)(model.config, num_labels)
     head.apply(lambda module: M.init_weights(module, model.config.initializer_range))
     if P.is_mixed(model):
         P.mixed_precision(head)

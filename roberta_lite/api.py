@@ -57,9 +57,11 @@ class Model(M.RoBERTa):
 
     def add_adapter(self, name: str | AdapterConfig | dict, config: AdapterConfig | str | dict | None = None, *,
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
-                    task: str = "classification", replace: bool = False) -> "Model":
-        """Add a fresh adapter `name` (the identity until trained) with its own classification head, and make it
-        active. The head starts as a copy of the model's own classifier; with num_labels, a fresh one (BERT's init)."""
+                    task: str | None = None, replace: bool = False) -> "Model":
+        """Add a fresh adapter `name` (the identity until trained) with its own head, and make it active. The head
+        starts as a copy of the model's own classifier; with num_labels, a fresh one (BERT's init). task:
+        "classification" (default), "regression", "multilabel", or "token-classification" (a TokenHead: logits
+        (B, T, K), a label for every token)."""
         A.add(self, name, config, num_labels, labels, task, replace)
         return self
 
@@ -101,7 +103,7 @@ class Model(M.RoBERTa):
         return self.adapter_configs.get(self.active_adapter) if self.active_adapter else None
 
     @property
-    def active_head(self) -> M.ClassificationHead:
+    def active_head(self) -> M.ClassificationHead | M.TokenHead:
         return self.heads[self.active_adapter] if self.active_adapter else self.head
 
     @property

@@ -9,6 +9,9 @@ What the worker does, over and over:
   3. run `model(ids, mask, adapter=[name per row])` per pass; each row's logits, sliced to its own head's width,
      become the job's outputs (predict's result objects), and each job's future gets exactly its own as soon as
      its last row has run.
+Token-classification adapters (a label per token) answer with entities, as predict does. Their texts are
+tokenized with character offsets, and their rows run in passes of their own: one pass cannot mix token and
+sentence heads (model.RoBERTa.labels_every_token).
 A command (adding or removing an adapter) is a job too: it runs alone, between passes, in queue order, so the
 predictions queued before it see the model as it was. With `batching=False` each pass is one request.
 
@@ -26,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from roberta_lite.data import PAD_MULTIPLE, collate
-from roberta_lite.predict import head_output
+from roberta_lite.data import PAD_MULTIPLE, TOKEN_TASK, collate
+from roberta_lite.predict import head_output, token_output
 from roberta_lite.serve_metrics import Metrics
 
 
@@ -46,6 +49,7 @@ class _Predict:
     future: Future
     arrived: float = field(default_factory=time.perf_counter)
     seqs: list[list[int]] = field(default_factory=list)  # token ids, filled by the worker
+    encoded: list = field(default_factory=list)  # a token adapter's Encoded (ids, word ids, offsets) per text
 
 
 @dataclass
@@ -157,7 +161,12 @@ class Batcher:
         return jobs, None
 
     def _tokenize(self, job: _Predict):
-        """Ids for each input, truncated to max_length as predict does; singles and pairs encoded apart."""
+        """Ids for each input, truncated to max_length as predict does; singles and pairs encoded apart; a token
+        adapter's texts with their offsets (serve.parse_predict lets no pair reach one)."""
+        if self._tags(job.adapter) and all(isinstance(x, str) for x in job.inputs):
+            job.encoded = self.tokenizer.encode_batch_with_offsets(list(job.inputs), self.max_length)
+            job.seqs = [e.ids for e in job.encoded]
+            return
         singles = [i for i, x in enumerate(job.inputs) if isinstance(x, str)]
         pairs = [i for i, x in enumerate(job.inputs) if not isinstance(x, str)]
         seqs: list[list[int]] = [[] for _ in job.inputs]
@@ -188,7 +197,9 @@ class Batcher:
         served = set(self.model.adapter_names)
         live = []
         for job in jobs:
-            if job.adapter in served:
+            if job.adapter in served and self._tags(job.adapter) and not job.encoded:  # replaced since it was sent
+                self._finish(job, exc=ValueError(f"adapter {job.adapter!r} now tags tokens and takes no pairs"))
+            elif job.adapter in served:
                 live.append(job)
             else:
                 self._finish(job, exc=AdapterGone(f"adapter {job.adapter!r} was removed before this request ran"))
@@ -196,7 +207,10 @@ class Batcher:
             return
         seqs = [j.seqs for j in live]
         rows = [(j, i) for j, job in enumerate(live) for i in range(len(job.inputs))]
-        passes = [rows] if not self.batching else self._passes(rows, seqs)
+        passes = []
+        for tags in (False, True):  # sentence heads' rows, then token heads': never in one pass
+            kind = [r for r in rows if self._tags(live[r[0]].adapter) == tags]
+            passes += [] if not kind else [kind] if not self.batching else self._passes(kind, seqs)
         outputs: list[list[dict | None]] = [[None] * len(job.inputs) for job in live]
         left = [len(job.inputs) for job in live]  # rows still to run, per job: a job is answered when it has none
         waits = [time.perf_counter() - job.arrived for job in live]  # every job of the round starts with pass 1
@@ -207,7 +221,9 @@ class Batcher:
                 self.metrics.batch(len(p), len(set(names)), waits)
                 waits = []
                 for (j, i), row in zip(p, logits):
-                    outputs[j][i] = head_output(self.model.heads[live[j].adapter], row)
+                    job, head = live[j], self.model.heads[live[j].adapter]
+                    outputs[j][i] = token_output(head, row[:len(job.seqs[i])], job.inputs[i], job.encoded[i]) \
+                        if job.encoded else head_output(head, row)
                     left[j] -= 1
                     if left[j] == 0:  # rows run shortest first: short requests need not wait for long ones
                         self._finish(live[j], result=outputs[j])
@@ -220,7 +236,11 @@ class Batcher:
     def _forward(self, seqs: list[list[int]], names: list[str]) -> torch.Tensor:
         ids, mask = collate(seqs, self.tokenizer.pad_id, PAD_MULTIPLE, self.model.config.max_tokens)  # few shapes
         logits = self.model(ids.to(self.device), mask.to(self.device), adapter=names)
-        return logits.float().cpu()  # (B, K_max); narrower heads' columns are -inf, sliced off by head_output
+        return logits.float().cpu()  # (B, K_max) or (B, T, K_max); narrower heads' -inf columns are sliced off
+
+    def _tags(self, adapter: str) -> bool:
+        """Whether the adapter's head labels every token (its results are entities)."""
+        return adapter in self.model.heads and self.model.heads[adapter].task == TOKEN_TASK
 
     def _finish(self, job: _Predict, result=None, exc: BaseException | None = None):
         with self._lock:

@@ -6,6 +6,7 @@
     python -m roberta_lite.bench --device cuda --fp32 --json bench.json
     python -m roberta_lite.bench --adapters 8             # one adapter vs 8 mixed in one batch vs 8 passes
     python -m roberta_lite.bench --adapter lora           # LoRA: training vs peft; merged inference vs the base
+    python -m roberta_lite.bench --task token-classification  # a token head vs RobertaForTokenClassification
 
 What is compared, so that only the implementations differ:
   * the same weights: a random roberta-base-shaped (or --config tiny) checkpoint is written once to a temporary
@@ -30,6 +31,11 @@ adds nothing then. Each row's `x_vs_transformers` is its tokens/s over transform
 precision (`x_vs_transformers_bf16`: over transformers' bf16 row, None in an fp32 run); `ratio` and the summary
 are roberta_lite over transformers per precision. --attention-dropout P sets the attention-probability dropout of
 both sides (roberta_lite's set_dropout(attention=P) recipe, timed fairly).
+
+`--task token-classification` times the same two sides with a per-token head instead of the sentence classifier:
+roberta_lite's token head (dropout + one Linear on every token, 21 labels: WNUT-16's O and B-/I- of 10 types; the
+last layer then computes every token) against transformers' RobertaForTokenClassification with the same Houlsby
+adapters and the same classifier weights; random labels on every real token, cross-entropy ignoring padding.
 
 Two more modes, roberta_lite's adapters against themselves and against peft:
   * `--adapters N`: one model with N Houlsby adapters (and N heads), all of them training, timed three ways on
@@ -102,6 +108,7 @@ COMMON = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-
               eos_token_id=2, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
               initializer_range=0.02, model_type="roberta", architectures=["RobertaForSequenceClassification"])
 NUM_LABELS = 2
+TOKEN_LABELS = 21  # --task token-classification: WNUT-16's O + B-/I- of 10 entity types
 ADAPTER = AdapterConfig(kind="houlsby", reduction_factor=16, activation="relu")
 IMDB_MEDIAN, IMDB_SIGMA = 230.0, 0.7  # log-normal fit of IMDB review lengths in RoBERTa tokens (~13% over 512)
 
@@ -164,7 +171,7 @@ def _write_checkpoint_plain(directory: Path, cfg: dict) -> dict:
 class Batch:
     ids: torch.Tensor  # (B, T) int64
     mask: torch.Tensor  # (B, T) int64, 1 on real tokens
-    labels: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B,); (B, T) for a token head, -100 on padding
     real_tokens: int
     lengths: list[int]
 
@@ -182,7 +189,7 @@ def sample_lengths(kind: str, n: int, length: int, max_len: int, rng: np.random.
 
 
 def make_batches(kind: str, steps: int, batch: int, length: int, vocab: int, max_len: int, sort: bool,
-                 seed: int, device: torch.device, multiple: int = 1) -> list[Batch]:
+                 seed: int, device: torch.device, multiple: int = 1, token_labels: int | None = None) -> list[Batch]:
     rng = np.random.default_rng(seed)
     lengths = sample_lengths(kind, steps * batch, length, max_len, rng)
     if sort:  # length-sorted batches (less padding); their order is then shuffled
@@ -200,6 +207,8 @@ def make_batches(kind: str, steps: int, batch: int, length: int, vocab: int, max
             ids[i, n:] = 1  # <pad>
             mask[i, :n] = 1
         labels = torch.from_numpy(rng.integers(0, NUM_LABELS, size=batch)).long()
+        if token_labels:  # a label on every real token (the loss ignores -100)
+            labels = torch.from_numpy(rng.integers(0, token_labels, size=(batch, T))).long().masked_fill(mask == 0, -100)
         out.append(Batch(ids.to(device), mask.to(device), labels.to(device), int(sum(g)), list(g)))
     return out
 
@@ -218,7 +227,8 @@ def adapter_weights(cfg: dict, adapter: AdapterConfig | None) -> int:
     return (2 if adapter.kind == "houlsby" else 1) * 2 * C * (C // adapter.reduction_factor)
 
 
-def flops(cfg: dict, B: int, T: int, train: bool, adapter: AdapterConfig | None = ADAPTER) -> float:
+def flops(cfg: dict, B: int, T: int, train: bool, adapter: AdapterConfig | None = ADAPTER,
+          task: str = "classification") -> float:
     """Matmul FLOPs of one step on a (B, T) batch; see the module docstring for the model."""
     C, Fs, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     tok = B * T
@@ -226,7 +236,7 @@ def flops(cfg: dict, B: int, T: int, train: bool, adapter: AdapterConfig | None 
     attn_core = 4 * T * T * C * B  # Q K^T and P V
     ffn = 2 * (2 * C * Fs) * tok
     adapters = 2 * adapter_weights(cfg, adapter) * tok
-    head = 2 * (C * C + C * NUM_LABELS) * B
+    head = 2 * C * TOKEN_LABELS * tok if task == "token-classification" else 2 * (C * C + C * NUM_LABELS) * B
     fwd = L * (attn_block + attn_core + ffn + adapters) + head
     if not train:
         return float(fwd)
@@ -345,6 +355,7 @@ class Contender:
     compiled: bool = False
     opt: torch.optim.Optimizer | None = None
     adapter: AdapterConfig | None = field(default_factory=lambda: ADAPTER)  # what the FLOPs count; None: base alone
+    task: str = "classification"  # the head the FLOPs count: "token-classification" for a per-token head
     times: dict = field(default_factory=dict)  # mode -> [(seconds, real tokens, flops padded, flops real)]
     memory: dict = field(default_factory=dict)  # mode -> (peak, delta)
 
@@ -368,12 +379,17 @@ def make_optimizer(params: list[torch.nn.Parameter], device: torch.device) -> tu
 
 
 def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int, attn_dropout: float | None = None,
-              names: list[str] | tuple[str, ...] = ("default",), adapter: AdapterConfig = ADAPTER) -> Model:
-    """roberta_lite on the checkpoint with adapters `names` (each with a copy of the checkpoint's classifier),
-    their weights random and non-zero; the first one active and trainable, the base frozen."""
+              names: list[str] | tuple[str, ...] = ("default",), adapter: AdapterConfig = ADAPTER,
+              task: str = "classification") -> Model:
+    """roberta_lite on the checkpoint with adapters `names` (each with a copy of the checkpoint's classifier, or
+    for token-classification a fresh token head of TOKEN_LABELS), their weights random and non-zero; the first one
+    active and trainable, the base frozen."""
     m = Model.from_pretrained(ckpt, num_labels=NUM_LABELS, dtype=dtype, device=device)
     for name in names:
-        m.add_adapter(name, adapter)
+        if task == "token-classification":
+            m.add_adapter(name, adapter, num_labels=TOKEN_LABELS, task=task)
+        else:
+            m.add_adapter(name, adapter)
     if attn_dropout is not None:
         if hasattr(m, "set_dropout"):
             m.set_dropout(attention=attn_dropout)
@@ -391,14 +407,19 @@ def load_lite(ckpt: Path, dtype: torch.dtype, device: torch.device, seed: int, a
     return m
 
 
-def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropout: float | None = None) -> nn.Module:
-    """transformers' RobertaForSequenceClassification on the same checkpoint, fp32 weights, with the same Houlsby
-    adapters (weights copied from `lite`) and the same trainable set (adapters + classifier)."""
-    from transformers import RobertaForSequenceClassification
+def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropout: float | None = None,
+            task: str = "classification") -> nn.Module:
+    """transformers' RobertaForSequenceClassification (RobertaForTokenClassification for token-classification) on
+    the same checkpoint, fp32 weights, with the same Houlsby adapters (weights copied from `lite`) and the same
+    trainable set (adapters + classifier)."""
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf = RobertaForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32, attn_implementation=attn)
+    token = task == "token-classification"
+    kind = transformers.RobertaForTokenClassification if token else transformers.RobertaForSequenceClassification
+    hf = kind.from_pretrained(ckpt, dtype=torch.float32, attn_implementation=attn,
+                              **({"num_labels": TOKEN_LABELS, "ignore_mismatched_sizes": True} if token else {}))
     if attn_dropout is not None:  # both its eager and its sdpa attention read this module's p
         for layer in hf.roberta.encoder.layer:
             layer.attention.self.dropout.p = attn_dropout
@@ -414,8 +435,9 @@ def load_hf(ckpt: Path, lite: Model, device: torch.device, attn: str, attn_dropo
                     mine.bias.copy_(theirs.bias.float())
             parent.dropout = wrapped
     with torch.no_grad():  # the same head too (a checkpoint without a classifier gets a fresh one on each side)
-        for mine, theirs in ((hf.classifier.dense, lite.active_head.dense),
-                             (hf.classifier.out_proj, lite.active_head.out)):
+        pairs = ((hf.classifier, lite.active_head.out),) if token else \
+            ((hf.classifier.dense, lite.active_head.dense), (hf.classifier.out_proj, lite.active_head.out))
+        for mine, theirs in pairs:
             mine.weight.copy_(theirs.weight.float())
             mine.bias.copy_(theirs.bias.float())
     hf.requires_grad_(False)
@@ -447,7 +469,7 @@ def step(c: Contender, b: Batch, mode: str, device: torch.device):
         c.opt.zero_grad(set_to_none=True)
         with c.autocast_ctx(device):
             logits = c.call(b.ids, b.mask)
-        loss = F.cross_entropy(logits.float(), b.labels)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b.labels.reshape(-1))  # -100: ignored
         loss.backward()
         c.opt.step()
     else:
@@ -540,6 +562,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", choices=("houlsby", "lora"), default="houlsby",
                    help="lora: a LoRA r 8 on query/value against transformers + peft (training), and merged into "
                         "the base against the plain base (inference)")
+    p.add_argument("--task", choices=("classification", "token-classification"), default="classification",
+                   help="token-classification: a per-token head (21 labels) on both sides, against transformers' "
+                        "RobertaForTokenClassification")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="every mode: the base's dtype (auto: bf16 where the CPU or GPU has it natively, as train.py "
                         "chooses, else fp32); transformers runs in the same precision (bf16: autocast; fp32: none) "
@@ -562,6 +587,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--adapters {a.adapters}: must lie in 2..--batch ({a.batch}), one adapter per example or more")
     if a.adapters is not None and a.adapter == "lora":
         p.error("--adapters and --adapter lora are separate modes: give one")
+    if a.task != "classification" and (a.adapters is not None or a.adapter == "lora"):
+        p.error("--task token-classification times roberta_lite against transformers (Houlsby): drop --adapters "
+                "and --adapter lora")
     if (a.adapters is not None or a.adapter == "lora") and (a.fp32 or a.compile or a.lengths != "fixed"):
         p.error("--adapters / --adapter lora time fixed-length batches in one precision (--precision): drop --fp32, "
                 "--compile and --lengths")
@@ -618,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="roberta_lite_bench_") as tmp:
         ckpt, cfg, batches = checkpoint_and_batches(a, Path(tmp), have_hf, sort, device, log)
 
-        lite = load_lite(ckpt, dtype, device, a.seed, a.attention_dropout)
+        lite = load_lite(ckpt, dtype, device, a.seed, a.attention_dropout, task=a.task)
         main_lite = lite_row(lite, precision, device)
         hf_recipes, attn_choice, attn_timings = {}, {}, {}
         if have_hf:
@@ -626,7 +654,8 @@ def main(argv: list[str] | None = None) -> dict:
             if a.hf_attn == "auto":
                 log(f"probing transformers' attention implementations ({precision}) ...")
                 attn_choice, attn_timings = pick_attention(
-                    lambda impl: load_hf(ckpt, lite, device, impl, a.attention_dropout), device, modes, probe_batch,
+                    lambda impl: load_hf(ckpt, lite, device, impl, a.attention_dropout, a.task), device, modes,
+                    probe_batch,
                     log, autocast=AUTOCAST[precision])
             else:
                 attn_choice = {m: a.hf_attn for m in modes}
@@ -639,12 +668,12 @@ def main(argv: list[str] | None = None) -> dict:
             if have_hf:
                 impl = attn_choice[mode]
                 if impl not in hf_models:
-                    hf_models[impl] = load_hf(ckpt, lite, device, impl, a.attention_dropout)
+                    hf_models[impl] = load_hf(ckpt, lite, device, impl, a.attention_dropout, a.task)
                 rows.append(hf_row(hf_models[impl], impl, precision, device, sort))
                 hf_recipes[mode] = rows[-1].recipe
             rows_by_mode[mode] = rows
         if a.fp32 and precision == "bf16":  # fp32 rows beside the bf16 ones (with fp32 chosen they are the main rows)
-            lite32 = load_lite(ckpt, torch.float32, device, a.seed, a.attention_dropout)
+            lite32 = load_lite(ckpt, torch.float32, device, a.seed, a.attention_dropout, task=a.task)
             copy_adapters(lite, lite32)
             row = lite_row(lite32, "fp32", device)
             for mode in modes:
@@ -682,12 +711,15 @@ def main(argv: list[str] | None = None) -> dict:
             parity["max |logit| (scale)"] = float(ref[main_lite.label].abs().max())
             log_parity(parity, log)
 
+        for r in {id(r): r for rows in rows_by_mode.values() for r in rows}.values():
+            r.task = a.task  # the FLOPs count its head
         results, probe = time_rows(rows_by_mode, batches, cfg, device, a.warmup, log)
         summary = transformers_ratios(results)
 
     data = {
         **run_info(a, device, batches, sort, load_start, probe, notes),
         "transformers": _version("transformers") if have_hf else None,
+        "task": a.task,
         "adapter": ADAPTER.to_dict(),
         "dropout": dropout_info(a, cfg),
         "transformers_recipe": (next(iter(hf_recipes.values())) if len(set(hf_recipes.values())) == 1 else
@@ -723,7 +755,7 @@ def hf_row(hf: nn.Module, impl: str, precision: str, device: torch.device, sort:
            "fp32, no autocast")
     extra = ", length-sorted batches" if sort else ""
     return Contender(f"transformers {'bf16-autocast' if precision == 'bf16' else 'fp32'} {impl}", "transformers",
-                     f"RobertaForSequenceClassification {how}, attn_implementation={impl!r}{extra}; AdamW {kind}",
+                     f"{type(hf).__name__} {how}, attn_implementation={impl!r}{extra}; AdamW {kind}",
                      hf, _hf_call(hf), autocast=AUTOCAST[precision], precision=precision, opt=opt)
 
 
@@ -779,7 +811,8 @@ def checkpoint_and_batches(a: argparse.Namespace, tmp: Path, have_hf: bool, sort
     log(f"checkpoint: {ckpt if a.checkpoint else 'random ' + a.config} ({time.perf_counter() - t0:.1f}s)")
     max_len = cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1
     batches = make_batches(a.lengths, a.steps, a.batch, a.length, cfg["vocab_size"], max_len, sort, a.seed + 1,
-                           device, a.pad_multiple)
+                           device, a.pad_multiple, TOKEN_LABELS if getattr(a, "task", None) == "token-classification"
+                           else None)
     return ckpt, cfg, batches
 
 
@@ -839,7 +872,7 @@ def time_rows(rows_by_mode: dict[str, list[Contender]], batches: list[Batch], cf
 def result_row(r: Contender, ts: list[float], mem: tuple[int, int], batches: list[Batch], cfg: dict,
                mode: str) -> dict:
     tps = [b.real_tokens / t for b, t in zip(batches, ts)]
-    fl = [flops(cfg, b.shape[0], b.shape[1], mode == "train", r.adapter) / t for b, t in zip(batches, ts)]
+    fl = [flops(cfg, b.shape[0], b.shape[1], mode == "train", r.adapter, r.task) / t for b, t in zip(batches, ts)]
     return {
         "label": r.label, "side": r.side, "precision": r.precision, "compiled": r.compiled,
         "recipe": r.recipe,
@@ -1134,7 +1167,8 @@ def format_table(d: dict) -> str:
     shape = f"{d['batch']} x {d['length']}" if d["lengths"] == "fixed" else \
         f"{d['batch']} x imdb-mix (mean {d['real_tokens_per_batch_mean'] / d['batch']:.0f} real tokens/seq, " \
         f"{100 * d['padding_fraction']:.0f}% padding{', sorted' if d['sorted_batches'] else ''})"
-    lines = [f"roberta_lite bench: {d['config']} on {d['device']} ({d['device_name']}, {d['threads']} threads), "
+    task = f", {d['task']} head" if d.get("task", "classification") != "classification" else ""
+    lines = [f"roberta_lite bench: {d['config']}{task} on {d['device']} ({d['device_name']}, {d['threads']} threads), "
              f"batch {shape}, dropout {d['dropout']['hidden']:g} / attention {d['dropout']['attention']:g}, "
              f"{d['steps']} timed steps, medians, precision {d['precision']} (--precision {d['precision_requested']})",
              f"{'mode':<6} {'row':<40} {'tok/s':>9} {'ms/step':>9} {'x HF':>9} {'TFLOP/s':>8} {'% peak':>6} "

@@ -45,13 +45,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from roberta_lite import tagging as T
+
 __all__ = [
     "IMDB_BYTES",
     "IMDB_SHA256",
     "IMDB_URL",
     "MULTILABEL_SEPARATOR",
     "TASKS",
+    "TOKEN_TASK",
     "DataError",
+    "TaggedDataset",
     "TextDataset",
     "TokenizedSplit",
     "cache_dir",
@@ -83,7 +87,8 @@ _IMDB_ID = re.compile(r"^(\d+)_\d+\.txt$")
 _BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 #: The kinds of label :func:`load_data` reads: a class per text, a score per text, a set of classes per text.
-TASKS = ("classification", "regression", "multilabel")
+TOKEN_TASK = "token-classification"  # a BIO tag per word: tagging files, read by load_tagged
+TASKS = ("classification", "regression", "multilabel", TOKEN_TASK)
 _TEXT_COLUMN, _PAIR_COLUMN, _LABEL_COLUMN = "text", "text_pair", "label"
 #: Separates the labels of one multi-label example in a CSV/TSV cell (``action|comedy``).
 MULTILABEL_SEPARATOR = "|"
@@ -898,6 +903,11 @@ def load_data(
     a test label that does not occur in training is an error, since the classifier would have no
     output for it.
     """
+    if task == TOKEN_TASK:
+        if text_columns is not None or label_column is not None:
+            raise DataError("text and label columns do not apply to token classification (CoNLL or "
+                            "{\"tokens\", \"tags\"} JSONL files)")
+        return load_tagged(spec, test_spec, seed=seed, test_fraction=test_fraction)  # type: ignore[return-value]
     _check_fraction("test_fraction", test_fraction)
     columns = _columns(text_columns, label_column, task)
     train_records, test_records = _read_source(spec, columns)
@@ -932,6 +942,65 @@ def load_data(
     train = _to_dataset(train_records, label_names, train_records.source, task)
     test = _to_dataset(test_records, label_names, train_records.source, task)
     return train, test
+
+
+@dataclass
+class TaggedDataset:
+    """Sentences of words with one BIO tag each (:func:`tagging.read_tagged`) for token classification, with the
+    label names (:func:`tagging.label_list` of the training file). Splits and subsets as :class:`TextDataset`."""
+
+    sentences: list[T.TaggedSentence]
+    label_names: list[str]
+    source: str
+    replaced: int = 0  # files are read as UTF-8 strictly: a bad byte is a DataError, never replaced
+    task: str = TOKEN_TASK
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, indices: Iterable[int]) -> TaggedDataset:
+        return TaggedDataset([self.sentences[int(i)] for i in indices], list(self.label_names), self.source)
+
+
+def _read_tagged(spec: str) -> list[T.TaggedSentence]:
+    if not Path(spec).is_file():
+        raise DataError(f"{spec}: no such file (token classification reads a CoNLL .conll/.txt/.tsv or a "
+                        f".jsonl file)")
+    try:
+        sentences = T.read_tagged(spec)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{spec}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not sentences:
+        raise DataError(f"{spec}: no tagged sentences found")
+    return sentences
+
+
+def load_tagged(spec: str, test_spec: str | None = None, *, seed: int = 0,
+                test_fraction: float = 0.2) -> tuple[TaggedDataset, TaggedDataset]:
+    """``(train, test)`` tagging datasets: ``test_spec``'s sentences, or a seeded held-out ``test_fraction`` of
+    ``spec``'s (the label names then come from the whole file, as :func:`load_data` does). A test tag that the
+    training file never has is a DataError naming its file, line and value."""
+    _check_fraction("test_fraction", test_fraction)
+    sentences = _read_tagged(spec)
+    labels = T.label_list(sentences)
+    if test_spec is not None:
+        test = _read_tagged(test_spec)
+        try:
+            T.check_labels(test, labels)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        return TaggedDataset(sentences, labels, spec), TaggedDataset(test, list(labels), spec)
+    if len(sentences) < 2:
+        raise DataError(f"{spec}: only 1 sentence; need at least 2 to hold out a test split (or pass a test file)")
+    keep, held = _split_indices(len(sentences), test_fraction, seed)
+    whole = TaggedDataset(sentences, labels, spec)
+    return whole.subset(keep), whole.subset(held)
 
 
 def train_val_split(ds: TextDataset, fraction: float = 0.05, seed: int = 0) -> tuple[TextDataset, TextDataset]:
@@ -1078,9 +1147,10 @@ class TokenizedSplit:
     tokens), the label array of :meth:`TextDataset.label_array`, the label names and the task."""
 
     seqs: list[np.ndarray]
-    labels: np.ndarray
+    labels: np.ndarray | T.TokenTargets  # token classification: each sentence's token labels, words and tags
     label_names: list[str]
     task: str
+    cut: int = 0  # token classification: sentences longer than max_length, cut (their last words get no label)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -1092,9 +1162,17 @@ class TokenizedSplit:
 
 
 def tokenize_dataset(
-    ds: TextDataset, tokenizer: object, max_length: int, *, cache: Path | None = None
+    ds: TextDataset | TaggedDataset, tokenizer: object, max_length: int, *, cache: Path | None = None
 ) -> TokenizedSplit:
-    """:func:`tokenize_cached` for a whole dataset, pairs included, with its labels as an array."""
+    """:func:`tokenize_cached` for a whole dataset, pairs included, with its labels as an array.
+
+    A :class:`TaggedDataset` is tokenized as words (:func:`tagging.encode_tagged`: each word's tag on its first
+    token), uncached: its words are not the texts the cache is keyed by, and tagging files are small."""
+    if isinstance(ds, TaggedDataset):
+        enc = T.encode_tagged(tokenizer, ds.sentences, ds.label_names, max_length)  # type: ignore[arg-type]
+        targets = T.TokenTargets(enc.labels, enc.word_ids, [s.tags for s in ds.sentences], list(ds.label_names))
+        seqs = [np.asarray(ids, dtype=np.int32) for ids in enc.input_ids]
+        return TokenizedSplit(seqs, targets, list(ds.label_names), ds.task, enc.cut)
     seqs = tokenize_cached(ds.texts, tokenizer, max_length, cache=cache, text_pairs=ds.text_pairs)
     return TokenizedSplit(seqs, ds.label_array(), list(ds.label_names), ds.task)
 

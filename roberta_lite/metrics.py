@@ -35,8 +35,10 @@ __all__ = [
     "spearman",
 ]
 
-#: The metric that picks the best epoch for each task (higher is better for all three).
-MAIN_METRIC = {"classification": "accuracy", "regression": "pearson", "multilabel": "micro_f1"}
+#: The metric that picks the best epoch for each task (higher is better for all; token classification: the
+#: entity F1 of :func:`entity_scores`).
+MAIN_METRIC = {"classification": "accuracy", "regression": "pearson", "multilabel": "micro_f1",
+               "token-classification": "f1"}
 
 
 def _vectors(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +133,8 @@ def compute_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[
         return {"pearson": pearson(outputs, labels), "spearman": spearman(outputs, labels), "mse": mse(outputs, labels)}
     if task == "multilabel":
         return multilabel_scores(outputs > 0.0, labels)
+    if task == "token-classification":
+        raise ValueError("token-classification is scored per entity from word tags: entity_scores")
     raise ValueError(f"task {task!r} is not one of {', '.join(MAIN_METRIC)}")
 
 

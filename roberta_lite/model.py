@@ -19,7 +19,7 @@ Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(
 is y plus the term each adapter there computes from the inputs (by name: x=, or h=, x=, norm=), for
 the examples the `Route` sends it. So one batch can mix adapters: the frozen base runs once, each adapter on its own rows.
 Everything here is float32; precision.py makes the frozen base bf16. Quirks are noted where they are.
-The K. calls are kernels.py's fast paths: K.dropout is F.dropout with a cheaper CPU mask.
+The K. calls are kernels.py's fast paths: K.dropout (F.dropout, a cheaper CPU mask), K.first_row.
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ class Adapter(nn.Module):
         self.down = nn.Linear(hidden_size, hidden_size // spec.reduction_factor)
         self.up = nn.Linear(hidden_size // spec.reduction_factor, hidden_size)
         self.act = ACTIVATIONS[spec.activation]
-        self.reads_sum = spec.kind == "pfeiffer"
+        self.reads_norm = spec.kind == "pfeiffer"
         nn.init.normal_(self.down.weight, std=std)
         for t in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(t)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        a = norm(x + h) if self.reads_sum else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
+        a = norm(x + h) if self.reads_norm else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
         return self.up(self.act(self.down(a)))  # (B, T, C) -> (B, T, C/f) -> (B, T, C)
 
 
@@ -222,14 +222,26 @@ class ClassificationHead(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, num_labels)
         self.dropout = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        self.num_labels = num_labels
-        self.labels = [f"LABEL_{i}" for i in range(num_labels)]
+        self.num_labels, self.labels = num_labels, [f"LABEL_{i}" for i in range(num_labels)]
         self.task = "classification"  # or "multilabel", "regression": the loss's kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = K.dropout(x[:, 0], self.dropout, self.training)  # (B, C): <s>'s state; no pooler
         x = K.dropout(torch.tanh(self.dense(x)), self.dropout, self.training)
         return self.out(x)  # (B, num_labels)
+
+
+class TokenHead(nn.Module):
+    """A label for every token (named entities, tags): RobertaForTokenClassification's classifier."""
+    def __init__(self, cfg: Config, num_labels: int):
+        super().__init__()
+        self.out = nn.Linear(cfg.hidden_size, num_labels)
+        self.dropout = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.num_labels, self.labels = num_labels, [f"LABEL_{i}" for i in range(num_labels)]
+        self.task = "token-classification"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(K.dropout(x, self.dropout, self.training))  # (B, T, C) -> (B, T, num_labels)
 
 
 class MaskedLMHead(nn.Module):
@@ -242,25 +254,6 @@ class MaskedLMHead(nn.Module):
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
         return F.linear(x, embedding, self.bias)  # (B, T, vocab): decoded by the word embeddings
-
-
-def adapter_modules(config: Config, spec) -> dict[str, nn.Module]:
-    """One adapter's modules by the slot each fills, e.g. 'layers.3.ffn_adapter': Adapter."""
-    C, F4, std, out = config.hidden_size, config.ffn_size, config.initializer_range, {}
-    if spec.kind != "lora" and C // spec.reduction_factor < 1:
-        raise ValueError(f"adapter reduction_factor {spec.reduction_factor} leaves no bottleneck at hidden size {C}")
-    lora_slots = (("attn_out", "attn.proj_lora", C, C), ("ffn_up", "ffn.up_lora", C, F4), ("ffn_down", "ffn.down_lora", F4, C))
-    for i in range(config.num_layers):
-        if spec.kind == "houlsby":
-            out[f"layers.{i}.attn_adapter"] = Adapter(C, spec, std)
-        if spec.kind in ("houlsby", "pfeiffer"):
-            out[f"layers.{i}.ffn_adapter"] = Adapter(C, spec, std)
-        if spec.kind == "lora" and set(QKVLoRA.PARTS) & set(spec.targets):
-            out[f"layers.{i}.attn.qkv_lora"] = QKVLoRA(C, spec)
-        for target, slot, fan_in, fan_out in lora_slots if spec.kind == "lora" else ():
-            if target in spec.targets:
-                out[f"layers.{i}.{slot}"] = LoRA(fan_in, fan_out, spec)
-    return out
 
 
 class RoBERTa(nn.Module):
@@ -290,32 +283,42 @@ class RoBERTa(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 adapter: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits (B, num_labels) from each example's adapter's head (no adapter: `head`)."""
+        """Logits from each example's adapter's head (no adapter: `head`): (B, labels); TokenHeads' (B, T, labels)."""
         route = self.route(adapter, input_ids)
-        mask = self.key_mask(attention_mask)
+        mask, every_token = self.key_mask(attention_mask), self.labels_every_token(route)
         x = self.embed(input_ids)
         for layer in self.layers[:-1]:
             x = layer(x, mask, route)
+        if every_token:  # a TokenHead reads every token's row (padding's too: the loss ignores those)
+            return self.classify(self.layers[-1](x, mask, route), route)
         x = K.first_row(self.layers[-1], x, mask, route)  # = self.layers[-1](x, mask, route)[:, :1]
         return self.classify(x, route)
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Masked-LM logits (B, T, vocab) at every position."""
+        """Masked-LM logits (B, T, vocab) at every position (through the active adapter, if any)."""
         if self.mlm is None:
             raise RuntimeError(f"{self.name_or_path or 'this model'} has no masked-LM head (no lm_head.* in its file)")
         return self.mlm(self.encode(input_ids, attention_mask), self.embed.tok.weight)
 
+    def labels_every_token(self, route: Route | None) -> bool:
+        """True when this batch's heads are TokenHeads; one batch cannot mix them with sentence heads."""
+        heads = {"": self.head} if route is None else {n: self.heads[n] for n, _ in route.heads}
+        token = [isinstance(h, TokenHead) for h in heads.values()]
+        if len(set(token)) > 1:
+            raise ValueError(f"one batch mixes token and sentence heads ({', '.join(heads)}): run them apart")
+        return token[0]
+
     def classify(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
-        """Each example's logits from its head: (B, K); in a mixed batch, padded with -inf to K."""
+        """Each example's logits from its head; in a mixed batch, narrower heads padded with -inf to the widest."""
         if route is None:
             return self.head(x)
         if len(route.heads) == 1:
             return self.heads[route.heads[0][0]](x)
         parts = [(rows, self.heads[name](x[rows])) for name, rows in route.heads]
-        width = max(y.shape[1] for _, y in parts)
-        out = x.new_full((route.batch, width), float("-inf"), dtype=parts[0][1].dtype)
+        width = max(y.shape[-1] for _, y in parts)
+        out = x.new_full((route.batch, *parts[0][1].shape[1:-1], width), float("-inf"))  # (B, width) or (B, T, width)
         for rows, y in parts:
-            out = out.index_copy(0, rows, F.pad(y, (0, width - y.shape[1]), value=float("-inf")))
+            out = out.index_copy(0, rows, F.pad(y, (0, width - y.shape[-1]), value=float("-inf")))
         return out
 
     def route(self, adapter: str | Sequence[str] | None, ids: torch.Tensor) -> Route | None:
@@ -332,12 +335,10 @@ class RoBERTa(nn.Module):
         for n in dict.fromkeys(names):
             if n not in self.heads:
                 raise KeyError(f"adapter {n!r} is not in this model (it has {', '.join(self.heads) or 'none'})")
-        if merged is not None and self.training:
-            raise RuntimeError(f"adapter {merged!r} is merged into the base weights, where it cannot train: "
-                               f"unmerge_adapter() first")
-        if merged is not None and set(names) != {merged}:
-            raise RuntimeError(f"adapter {merged!r} is merged into the base weights, so every example must use "
-                               f"it; unmerge_adapter() first to run {sorted(set(names) - {merged})}")
+        if merged is not None and (self.training or set(names) != {merged}):
+            rest = sorted(set(names) - {merged})
+            raise RuntimeError(f"adapter {merged!r} is merged into the base weights: it cannot train, and every example "
+                               f"must use it; unmerge_adapter() first to {f'run {rest}' if rest else 'train'}")
         rows = {n: [i for i, m in enumerate(names) if m == n] for n in dict.fromkeys(names)}
         heads = [(n, None if len(rows) == 1 else torch.tensor(r, device=ids.device)) for n, r in rows.items()]
         return Route(slots=[g for g in heads if g[0] != merged], heads=heads, batch=batch)

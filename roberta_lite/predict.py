@@ -1,4 +1,5 @@
-"""Classify texts with a trained adapter: one JSON line per text with the label name and its probability.
+"""Classify or tag texts with a trained adapter: one JSON line per text with the label name and its probability,
+or, for a token-classification adapter, the entities found in it.
 
     python -m roberta_lite.predict --adapter weights/adapters/imdb-houlsby "A wonderful film." "Dull."
     python -m roberta_lite.predict --adapter DIR --file reviews.txt      # one text per line
@@ -10,7 +11,14 @@
     python -m roberta_lite.predict --adapter DIR --quantize int8 TEXT... # an int8 base on the CPU (quantize.py)
 
 What a result holds follows the adapter's task: classification {"label", "probability", "probabilities"};
-regression {"score"}; multilabel {"labels": every label above 0.5, "probabilities": {label: p, ...}}.
+regression {"score"}; multilabel {"labels": every label above 0.5, "probabilities": {label: p, ...}};
+token-classification {"entities": [{"type": "person", "text": "Meryl Streep", "start": 10, "end": 22,
+"score": 0.97}, ...]}, where text[start:end] is the entity. A text is split into words at whitespace, as the
+training files' words were; each word's tag is read at its first token (the label of the largest logit) and
+the tags are cut into entities as conlleval does (tagging.entities: an I-x that continues no x begins an entity).
+An entity's score is the mean, over its words, of the softmax probability of the tag chosen at the word's first
+token. Words past --max-length tokens get no tag (no entity). Token adapters run alone or with other token
+adapters, never beside sentence adapters, and take single texts, not pairs.
 
 The adapter directory (written by train.py / Model.save_adapter) records its base model, a hub id or a local
 directory, so nothing else is needed; `--model` points elsewhere when the base has moved.
@@ -37,9 +45,10 @@ from pathlib import Path
 
 import torch
 
-from roberta_lite.data import PAD_MULTIPLE, collate
+from roberta_lite.data import PAD_MULTIPLE, TOKEN_TASK, collate
 from roberta_lite.formats.native import read_meta
 from roberta_lite.api import Model
+from roberta_lite.tagging import entity_spans, first_tokens
 from roberta_lite.tokenizer import Tokenizer
 from roberta_lite.runtime import base_dtype, limit_heap_growth, resolve_base, select_device
 from roberta_lite.weights import CheckpointError
@@ -94,6 +103,11 @@ class Predictor:
             self.model.load_adapter(src, name=f"adapter{i}" if self.several else None)
             self.names.append(self.model.active_adapter)
         self.keys = [str(src) for src in sources]
+        token = [self.model.heads[n].task == TOKEN_TASK for n in self.names]
+        if any(token) and not all(token):
+            raise IncompatibleAdapters("token-classification adapters cannot run beside sentence adapters in one "
+                                       "pass: run them in separate calls")
+        self.tags = all(token)  # every adapter tags words: results are entities
         if quantize is not None:
             self.model.quantize(quantize)
         self.model.to(self.device).eval()
@@ -113,8 +127,19 @@ class Predictor:
     @torch.inference_mode()
     def classify(self, texts: list[str], batch_size: int = 32, text_pairs: list[str] | None = None) -> list[list[dict]]:
         """For each text (or pair), one result dict per adapter (in the order given), all adapters in the same
-        passes."""
+        passes; token adapters give each text's entities."""
+        if self.tags:
+            if text_pairs is not None:
+                raise ValueError("token-classification adapters take single texts, not sentence pairs")
+            encoded = self.tokenizer.encode_batch_with_offsets(list(texts), self.max_length)
+            return self._passes([e.ids for e in encoded], batch_size, lambda i, name, logits: token_output(
+                self.model.heads[name], logits[:len(encoded[i].ids)], texts[i], encoded[i]))
         seqs = self.tokenizer.encode_batch(list(texts), self.max_length, text_pairs=text_pairs)
+        return self._passes(seqs, batch_size, lambda i, name, logits: head_output(self.model.heads[name], logits))
+
+    def _passes(self, seqs: list[list[int]], batch_size: int, result) -> list[list[dict]]:
+        """result(text index, adapter name, that row's logits) for every text and adapter, in length-sorted
+        passes of up to batch_size rows."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches: little padding
         out: list[list[dict]] = [[] for _ in seqs]
         pad, n = self.model.config.pad_id, len(self.names)
@@ -124,13 +149,11 @@ class Predictor:
             ids, mask = collate([seqs[i] for i in idx], pad, PAD_MULTIPLE, self.model.config.max_tokens)
             # every text once per adapter, side by side: rows (text 0, adapter 0), (text 0, adapter 1), ...
             logits = self.model(ids.repeat_interleave(n, 0).to(self.device),
-                                mask.repeat_interleave(n, 0).to(self.device), adapter=self.names * len(idx)).cpu()
+                                mask.repeat_interleave(n, 0).to(self.device), adapter=self.names * len(idx))
+            logits = logits.float().cpu()
             for row, i in enumerate(idx):
-                out[i] = [self._result(logits[row * n + a], name) for a, name in enumerate(self.names)]
+                out[i] = [result(i, name, logits[row * n + a]) for a, name in enumerate(self.names)]
         return out
-
-    def _result(self, logits: torch.Tensor, name: str) -> dict:
-        return head_output(self.model.heads[name], logits)
 
 
 def head_output(head, logits: torch.Tensor) -> dict:
@@ -138,6 +161,8 @@ def head_output(head, logits: torch.Tensor) -> dict:
     classification {"label", "probability", "probabilities"}, regression {"score"}, multilabel {"labels",
     "probabilities"}. A row from a mixed batch may be wider than the head (-inf columns): they are dropped."""
     labels = head.labels
+    if head.task == TOKEN_TASK:
+        raise ValueError("a token-classification adapter's result needs its text and offsets: token_output")
     logits = logits[:len(labels)]  # a mixed batch pads narrower heads with -inf: drop those columns
     if head.task == "regression":
         return {"score": round(float(logits[0]), 6)}
@@ -149,6 +174,20 @@ def head_output(head, logits: torch.Tensor) -> dict:
     k = int(p.argmax())
     return {"label": labels[k], "probability": round(float(p[k]), 6),
             "probabilities": {label: round(float(q), 6) for label, q in zip(labels, p)}}
+
+
+def token_output(head, logits: torch.Tensor, text: str, encoded) -> dict:
+    """One text's entities from its token adapter's (T, K) logits (its own tokens; float32, on the CPU) and
+    `encoded`, the text's Tokenizer.encode_with_offsets: {"entities": [{"type", "text", "start", "end", "score"}]}
+    with text[start:end] the entity; the score is the mean over the entity's words of the probability of the tag
+    chosen at the word's first token. Columns past the head's labels (a mixed batch's -inf) are dropped."""
+    p = logits[:, :len(head.labels)].softmax(-1)
+    confidence, label = p.max(-1)
+    n_words = 1 + max((w for w in encoded.word_ids if w is not None), default=-1)  # words cut off have no token
+    firsts = first_tokens(encoded.word_ids, n_words)
+    tags = [head.labels[int(label[i])] for i in firsts]
+    spans = entity_spans(text, tags, encoded.word_ids, encoded.offsets, [float(confidence[i]) for i in firsts])
+    return {"entities": [{**s, "score": round(s["score"], 6)} for s in spans]}
 
 
 def read_texts(path: str) -> tuple[list[str], list[str | None]]:

@@ -8,6 +8,7 @@
 API (JSON; every error is a 4xx or 5xx {"error": "one line"}):
     POST /v1/predict        {"adapter": NAME, "inputs": [TEXT or [TEXT, TEXT_PAIR], ...]} -> {"outputs": [...]}, one
                             object per input, the one `python -m roberta_lite.predict` prints for it
+                            (a token-classification adapter: {"entities": [...]}; single texts only)
     GET  /v1/adapters       {"adapters": [{"name", "kind", "task", "labels", "merged"}, ...]}
     PUT  /v1/adapters/NAME  {"source": DIR_OR_HUB_ID} (needs --admin-token, sent as Authorization: Bearer TOKEN)
     DELETE /v1/adapters/NAME                               (likewise)
@@ -192,8 +193,10 @@ def parse_predict(req, service: Service) -> tuple[str, list[str | tuple[str, str
         raise BadRequest("'inputs' is empty")
     if len(inputs) > lim.max_inputs:
         raise BadRequest(f"'inputs' has {len(inputs)} items, over the limit of {lim.max_inputs} (--max-inputs)", 413)
-    out = []
+    out, tags = [], service.adapters[adapter]["task"] == "token-classification"
     for i, x in enumerate(inputs):
+        if isinstance(x, list) and len(x) == 2 and all(isinstance(t, str) for t in x) and tags:
+            raise BadRequest(f"inputs[{i}]: adapter {adapter!r} tags tokens and takes single texts, not pairs")
         if isinstance(x, list) and len(x) == 2 and all(isinstance(t, str) for t in x):
             texts, x = x, (x[0], x[1])
         elif isinstance(x, str):

@@ -30,6 +30,7 @@ __all__ = [
     "IGNORE",
     "TaggedSentence",
     "TaggedEncodings",
+    "TokenTargets",
     "split_tag",
     "read_tagged",
     "read_conll",
@@ -214,6 +215,21 @@ def encode_tagged(tokenizer: Tokenizer, sentences: Sequence[TaggedSentence], lab
         word_ids=[e.word_ids for e in encoded],
         cut=sum(e.truncated for e in encoded),
     )
+
+
+@dataclass(frozen=True)
+class TokenTargets:
+    """What training and evaluation of a tagging split need beside the token ids, one entry per sentence: the
+    token labels (:func:`align_labels`: IGNORE off each word's first token), each token's word, the true word
+    tags, and the label names the ids index."""
+
+    labels: list[list[int]]
+    word_ids: list[list[int | None]]
+    tags: list[list[str]]
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 def word_tags(token_label_ids: Sequence[int], word_ids: Sequence[int | None], n_words: int,

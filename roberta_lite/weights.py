@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 #     encoder.layer.{i}.attention.self.{query,key,value} -> rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
 #     encoder.layer.{i}.attention.output.{dense,LayerNorm} -> layers.{i}.{attn.proj,attn_norm}
 #     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} -> layers.{i}.{ffn.up,ffn.down,ffn_norm}
-#     classifier.{dense,out_proj} -> head.{dense,out};  lm_head.{dense,layer_norm,bias} -> mlm.{dense,norm,bias}
+#     classifier.{dense,out_proj} -> head.{dense,out} (a sentence head); classifier -> head.out (a TokenHead);  lm_head.{dense,layer_norm,bias} -> mlm.{dense,norm,bias}
 #     dropped: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (= embed.tok.weight and mlm.bias)
 # Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
 #
@@ -81,6 +81,8 @@ HF_TO_OURS: dict[str, str | tuple[str, int] | None] = {
     "classifier.dense.bias": "head.dense.bias",
     "classifier.out_proj.weight": "head.out.weight",
     "classifier.out_proj.bias": "head.out.bias",
+    "classifier.weight": "head.out.weight",  # RobertaForTokenClassification: one Linear on every token
+    "classifier.bias": "head.out.bias",
 }
 
 # transformers' config.json key -> our Config field. Everything architectural comes from the checkpoint.
@@ -344,7 +346,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_labels: int | None = None,
                     adapter=None, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
                     local_dir: str | os.PathLike | None = None, verbose: bool = False) -> "Model":
-    """Load a RoBERTa checkpoint saved by transformers (RobertaModel, ...ForMaskedLM, ...ForSequenceClassification).
+    """Load a RoBERTa checkpoint saved by transformers (RobertaModel, ...ForMaskedLM, ...ForSequenceClassification,
+    ...ForTokenClassification: then `head` is a TokenHead).
 
     name_or_path: a directory with config.json + model.safetensors (or a sharded index), or a hub id.
     num_labels:   defaults to the checkpoint's own classifier, else 2; a different number gets a fresh head.
@@ -360,14 +363,17 @@ def load_pretrained(cls: type["Model"], name_or_path: str | os.PathLike, num_lab
     keys = ckpt.keys()
     templates = {to_template(k)[0] for k in keys}
     has_mlm = "lm_head.dense.weight" in templates
-    ckpt_labels = ckpt.shape(next(k for k in keys if k.endswith("classifier.out_proj.weight")))[0] \
-        if "classifier.out_proj.weight" in templates else None
+    token_head = "classifier.weight" in templates  # RobertaForTokenClassification
+    head_key = "classifier.weight" if token_head else "classifier.out_proj.weight"
+    ckpt_labels = ckpt.shape(next(k for k in keys if k.endswith(head_key)))[0] if head_key in templates else None
     if num_labels is None:
         num_labels = ckpt_labels or 2
     keep_head = ckpt_labels == num_labels
 
     with torch.device("meta"):
         model = cls(config, num_labels=num_labels, mlm_head=has_mlm)
+        if token_head:
+            model.head = M.TokenHead(config, num_labels)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     hf_tensors = {k: ckpt.get(k) for k in keys if keep_head or not to_template(k)[0].startswith("classifier.")}
     ours = convert(hf_tensors, expected, source=str(root))

@@ -14,7 +14,7 @@ TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_he
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, max_position_embeddings=514, layer_norm_eps=1e-5, type_vocab_size=1,
                     pad_token_id=1)
-KINDS = ("RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification")
+KINDS = ("RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification", "RobertaForTokenClassification")
 
 
 def make_hf(kind: str, seed: int = 0, **config):

@@ -384,7 +384,7 @@ def test_old_task_adapter_naming_an_unused_invertible_adapter(base, saved, tmp_p
 
 @pytest.mark.parametrize("changes, key", [(dict(layers=1), "layers"), (dict(activation_function="relu"),
                                           "activation_function"), (dict(use_pooler=True), "use_pooler"),
-                                         (dict(bias=False), "bias"), (dict(head_type="tagging"), "head_type"),
+                                         (dict(bias=False), "bias"), (dict(head_type="qa"), "head_type"),
                                          (dict(head_type="multiple_choice"), "head_type"), (dict(extra=1), "extra"),
                                          (dict(label2id={"a": 0, "b": 0, "c": 2}), "label2id"),
                                          (dict(num_labels=0), "num_labels")])

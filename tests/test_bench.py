@@ -176,9 +176,27 @@ def test_bench_lora_tiny(tmp_path):
     assert data["adapter"]["kind"] == "lora" and data["adapter"]["targets"] == ["query", "value"]
 
 
+def test_bench_token_classification_tiny():
+    """--task token-classification: a token head against RobertaForTokenClassification holding the same adapters
+    and classifier (fp32 parity), labels on every real token, the head's FLOPs counted on every token."""
+    pytest.importorskip("transformers")
+    data = bench.main(["--config", "tiny", "--task", "token-classification", "--batch", "2", "--length", "16",
+                       "--steps", "2", "--warmup", "0", "--hf-attn", "sdpa", "--precision", "fp32", "--quiet"])
+    assert data["task"] == "token-classification" and "RobertaForTokenClassification" in data["transformers_recipe"]
+    for mode in ("train", "infer"):
+        assert [r["side"] for r in data["results"][mode]] == ["roberta_lite", "transformers"]
+        assert data["ratio"][mode] > 0
+    parity = data["parity_max_abs_diff"]
+    assert parity["roberta_lite fp32 vs transformers fp32 sdpa"] < 1e-4 < parity["max |logit| (scale)"]
+    cfg = bench.CONFIGS["base"]
+    token_head = bench.flops(cfg, 8, 256, False, task="token-classification") - bench.flops(cfg, 8, 256, False)
+    assert token_head == 2 * 768 * bench.TOKEN_LABELS * 8 * 256 - 2 * (768 * 768 + 768 * bench.NUM_LABELS) * 8
+
+
 @pytest.mark.parametrize("argv", [["--adapters", "1"], ["--adapters", "9", "--batch", "8"],
                                   ["--adapters", "2", "--fp32"], ["--adapter", "lora", "--lengths", "imdb"],
-                                  ["--adapters", "2", "--adapter", "lora"], ["--precision", "fp16"]])
+                                  ["--adapters", "2", "--adapter", "lora"], ["--precision", "fp16"],
+                                  ["--task", "token-classification", "--adapter", "lora"]])
 def test_bench_refuses_mode_combinations(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)

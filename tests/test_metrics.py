@@ -82,8 +82,9 @@ def test_compute_metrics_per_task() -> None:
     ml_logits = np.where(PRED > 0, 2.0, -2.0)
     ml_logits[1, 2] = 0.0
     assert compute_metrics("multilabel", ml_logits, TRUE.astype(np.float32)) == multilabel_scores(PRED, TRUE)
-    assert set(MAIN_METRIC) == {"classification", "regression", "multilabel"}
-    for task, name in MAIN_METRIC.items():
+    assert set(MAIN_METRIC) == {"classification", "regression", "multilabel", "token-classification"}
+    assert MAIN_METRIC["token-classification"] == "f1" and "f1" in entity_scores([["B-x"]], [["B-x"]])
+    for task, name in [(t, n) for t, n in MAIN_METRIC.items() if t != "token-classification"]:
         outputs = {"classification": logits, "regression": logits[:, 0], "multilabel": logits}[task]
         labels = {"classification": np.array([1, 0]), "regression": np.array([0.0, 1.0]),
                   "multilabel": np.array([[0, 1], [1, 0]], np.float32)}[task]

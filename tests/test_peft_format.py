@@ -212,7 +212,7 @@ REFUSED = [
     ("alpha_pattern", {"value": 2}), ("exclude_modules", ["layer.0.attention.self.query"]),
     ("target_modules", ".*\\.(query|value)"), ("target_modules", ["query", "value", "word_embeddings"]),
     ("target_modules", ["layer.0.attention.self.query", "value"]), ("target_modules", ["LayerNorm"]),
-    ("task_type", "TOKEN_CLS"), ("init_lora_weights", "pissa"), ("init_lora_weights", "loftq"),
+    ("task_type", "CAUSAL_LM"), ("init_lora_weights", "pissa"), ("init_lora_weights", "loftq"),
     ("init_lora_weights", "olora"), ("modules_to_save", ["classifier", "roberta.pooler"]), ("peft_type", "IA3"),
     ("trainable_token_indices", [5]), ("a_future_option", 3), ("r", 0), ("lora_alpha", "8"), ("lora_dropout", 1.0),
 ]

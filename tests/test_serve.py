@@ -39,6 +39,7 @@ ADAPTERS = {  # name: (config, num_labels, task, labels)
     "sts": (AdapterConfig("lora", r=4, alpha=8, targets=("query", "value", "ffn_up")), 1, "regression", None),
     "tags": ("houlsby", 4, "multilabel", ["plot", "acting", "music", "length"]),
     "lo": (AdapterConfig("lora", r=4, alpha=8), 2, "classification", ["no", "yes"]),
+    "ner": ("houlsby", 5, "token-classification", ["O", "B-person", "I-person", "B-place", "I-place"]),
 }
 SERVED = ["sentiment", "nli", "sts", "tags"]
 TEXTS = ["a good film", "the plot was dull and the acting was weak", "wonderful", "",
@@ -206,6 +207,38 @@ def test_concurrent_requests_for_different_adapters_share_passes(tiny_roberta, f
         assert metric(text, "roberta_lite_queue_wait_seconds_count") == 4
         assert metric(text, "roberta_lite_request_latency_seconds_count") == 4
         assert 'roberta_lite_request_latency_seconds_bucket{le="+Inf"} 4' in text
+    finally:
+        server.close()
+
+
+def test_token_adapter_answers_entities_beside_sentence_adapters(tiny_roberta, files):
+    """A tagger's rows run in passes of their own (one pass cannot mix token and sentence heads), in the same round
+    as the classifier's; its answers are predict's entities, character offsets into each text."""
+    from roberta_lite.predict import Predictor
+
+    server = Live(tiny_roberta, {"sentiment": files["sentiment"], "ner": files["ner"]})
+    texts = ["Meryl Streep met Tom Hanks in Paris", "a good film", "", "London " * 200]
+    try:
+        release = server.hold()
+        with ThreadPoolExecutor(2) as pool:
+            ner = pool.submit(server.predict, "ner", texts)
+            sentiment = pool.submit(server.predict, "sentiment", TEXTS)
+            server.wait_queued(len(texts) + len(TEXTS))
+            release.set()
+            ner, sentiment = ner.result(), sentiment.result()
+        assert ner.status_code == 200 and sentiment.status_code == 200, (ner.text, sentiment.text)
+        for out, logits in zip(sentiment.json()["outputs"], expected(tiny_roberta, files["sentiment"], TEXTS)):
+            check_output(out, logits, "classification", ["neg", "pos"])
+        want = Predictor(str(files["ner"]), model=str(tiny_roberta), device="cpu", precision="fp32").classify(texts)
+        got = ner.json()["outputs"]
+        assert sum(len(w[0]["entities"]) for w in want) > 0  # random weights still find some entities
+        for text, out, (w,) in zip(texts, got, want):
+            assert [{k: e[k] for k in ("type", "text", "start", "end")} for e in out["entities"]] == \
+                [{k: e[k] for k in ("type", "text", "start", "end")} for e in w["entities"]]
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in out["entities"])
+            assert all(math.isclose(a["score"], b["score"], abs_tol=TOL) for a, b in zip(out["entities"], w["entities"]))
+        r = server.predict("ner", [["a pair", "of texts"]])
+        assert r.status_code == 400 and "takes single texts, not pairs" in r.json()["error"]
     finally:
         server.close()
 

@@ -150,7 +150,7 @@ PAIR_ERRORS = {
     "empty column name": ("d.csv", "a,label\n", {"text_columns": ("",)}, "text columns [\"\"]: give one column "
                           "name, or two for sentence pairs"),
     "unknown task": ("d.csv", "text,label\n", {"task": "ranking"},
-                     "task 'ranking' is not one of classification, regression, multilabel"),
+                     "task 'ranking' is not one of classification, regression, multilabel, token-classification"),
 }
 
 

@@ -68,7 +68,7 @@ def check(model, f: AdapterFile, where: Path) -> AdapterFile:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
     _check_head(f, where)
-    expected = A.expected_shapes(model, cfg, f.num_labels or 1)
+    expected = A.expected_shapes(model, cfg, f.num_labels or 1, f.task)
     if f.num_labels is None:
         expected = {k: s for k, s in expected.items() if not k.startswith("head.")}
     missing, unexpected = sorted(set(expected) - set(f.tensors)), sorted(set(f.tensors) - set(expected))

@@ -11,6 +11,11 @@ LayerNorm'd sum) and double_seq_bn (Houlsby: after attention and after the FFN, 
 reduction factor and an activation from ACTIVATIONS. Every other BnConfig option must keep the value under which the
 two compute the same thing; anything else is refused with the file, option and value named, never approximated.
 
+Heads: the flex ClassificationHead (classification, multilabel_classification; RoBERTa's dense + tanh + out) and the
+flex TaggingHead (head_type "tagging", layers=1: dropout and one Linear(C, K) on every token, our TokenHead), or the
+static classifier of adapters.init(RobertaFor{Sequence,Token}Classification). A tagging head with more layers puts a
+Linear(C, C) and an activation before its output, which TokenHead has not: refused.
+
 Names and semantics follow the `adapters` 1.3 source: methods/modeling.py (Adapter.pre_forward / forward /
 post_forward), methods/bottleneck.py, configuration/adapter_config.py (BnConfig), loading.py, heads/base.py.
 `adapters` is not imported here: it is a test dependency only.
@@ -94,6 +99,16 @@ KEYS: dict[str, str | None] = {
     "classifier.out_proj.weight": "head.out.weight",
     "classifier.out_proj.bias": "head.out.bias",
 }
+# A tagging head (token classification) has its own table: its out layer is index 1 of the flex head, where the
+# classification head has its dense layer. Only head keys; the adapter's come from KEYS.
+TAGGING_KEYS: dict[str, str] = {
+    # Flex TaggingHead (heads/base.py, layers=1): 0 Dropout, 1 Linear(C, K) on every token.
+    "heads.{name}.1.weight": "head.out.weight",
+    "heads.{name}.1.bias": "head.out.bias",
+    # Static head of adapters.init(RobertaForTokenClassification): transformers' own classifier, a Linear(C, K).
+    "classifier.weight": "head.out.weight",
+    "classifier.bias": "head.out.bias",
+}
 PREFIX = "roberta."  # RobertaAdapterModel's base_model_prefix; write() uses it, as save_adapter does
 
 # ---------------------------------------------------------------------------------------------- BnConfig options
@@ -147,12 +162,20 @@ OLD_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 
 # ---------------------------------------------------------------------------------------------- head options
 HEAD_CLASSES = {"RobertaAdapterModel": "flex", "RobertaModelWithHeads": "flex",  # adapter-transformers' flex class
-                "RobertaForSequenceClassification": "static"}
-HEAD_TYPES = {"classification": "classification", "multilabel_classification": "multilabel"}
+                "RobertaForSequenceClassification": "static", "RobertaForTokenClassification": "static"}
+HEAD_TYPES = {"classification": "classification", "multilabel_classification": "multilabel",
+              "tagging": "token-classification"}
 # Flex head config keys that must hold one value for RoBERTa's classifier (missing: ClassificationHead's default).
 HEAD_MUST_BE = {"layers": 2, "activation_function": "tanh", "use_pooler": False, "bias": True}
 HEAD_FREE = {"dropout_prob"}  # training-time only
 HEAD_KEYS = {"head_type", "num_labels", "label2id", "id2label"} | set(HEAD_MUST_BE) | HEAD_FREE
+# TaggingHead's options (it takes no use_pooler or bias: a file naming them does not load in adapters either). One
+# layer is our TokenHead, dropout then Linear(C, K); layers=2 puts a Linear(C, C) and the activation before it.
+TAGGING_MUST_BE = {"layers": 1}  # missing: TaggingHead's default, 1
+TAGGING_FREE = {"dropout_prob", "activation_function"}  # the activation is unused with one layer (PredictionHead.build)
+TAGGING_HEAD_KEYS = {"head_type", "num_labels", "label2id", "id2label"} | set(TAGGING_MUST_BE) | TAGGING_FREE
+TAGGING_WRITTEN = {"layers": 1, "activation_function": "tanh"}  # as add_tagging_head(name, num_labels) saves them
+TOKEN_TASK = "token-classification"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -176,15 +199,17 @@ def read(directory: Path, hidden_size: int, num_layers: int) -> AdapterFile:
     config = _our_config(meta, d / CONFIG, hidden_size)
     head = _read_head_config(d, hidden_size)
     num_labels = head["num_labels"] if head else None
-    expected = expected_shapes(config, num_labels, hidden_size, num_layers)
+    task = head["task"] if head else "classification"
+    expected = expected_shapes(config, num_labels, hidden_size, num_layers, task)
     tensors = _read_tensors(d / _present(d, WEIGHTS), name, "encoder.", num_layers,
                             {k: s for k, s in expected.items() if not _is_head(k)})
     if head:
         heads = {k: s for k, s in expected.items() if _is_head(k)}
-        tensors.update(_read_tensors(d / _present(d, HEAD_WEIGHTS), head["name"], head["family"], num_layers, heads))
+        tensors.update(_read_tensors(d / _present(d, HEAD_WEIGHTS), head["name"], head["family"], num_layers, heads,
+                                     key_table(task)))
     base = {"hidden_size": meta.get("hidden_size"), "num_layers": num_layers, "model_name": meta.get("model_name")}
     return AdapterFile(name=name, config=config, tensors=tensors, num_labels=num_labels,
-                       labels=head["labels"] if head else None, task=head["task"] if head else "classification",
+                       labels=head["labels"] if head else None, task=task,
                        base=base)
 
 
@@ -298,7 +323,7 @@ def _read_head_config(d: Path, hidden_size: int) -> dict | None:
     kind = HEAD_CLASSES.get(meta.get("model_class"))
     if kind is None:
         raise CheckpointError(f"{path}: key 'model_class' = {meta.get('model_class')!r}: not a RoBERTa sequence "
-                              f"classification head (expected one of {', '.join(HEAD_CLASSES)})")
+                              f"or token classification head (expected one of {', '.join(HEAD_CLASSES)})")
     return _flex_head(meta, path) if kind == "flex" else _static_head(meta, path)
 
 
@@ -306,34 +331,39 @@ def _flex_head(meta: dict, path: Path) -> dict:
     cfg = meta.get("config")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: key 'config' = {cfg!r}: expected the head's options (a JSON object)")
-    for key in cfg:
-        if key not in HEAD_KEYS:
-            raise CheckpointError(f"{path}: config key {key!r} is not a classification head option")
     if cfg.get("head_type") not in HEAD_TYPES:
         raise CheckpointError(f"{path}: config key 'head_type' = {cfg.get('head_type')!r} is not supported "
                               f"(expected one of {', '.join(HEAD_TYPES)})")
-    for key, want in HEAD_MUST_BE.items():
+    task = HEAD_TYPES[cfg["head_type"]]
+    known, must, what = (TAGGING_HEAD_KEYS, TAGGING_MUST_BE, "roberta_lite's token head is one Linear(C, K)") \
+        if task == TOKEN_TASK else (HEAD_KEYS, HEAD_MUST_BE, "RoBERTa's classifier has")
+    for key in cfg:
+        if key not in known:
+            raise CheckpointError(f"{path}: config key {key!r} is not a {cfg['head_type']} head option")
+    for key, want in must.items():
         value = cfg.get(key, want)
         if not _same(value.lower() if isinstance(value, str) else value, want):
-            raise CheckpointError(f"{path}: config key {key!r} = {value!r} is not supported (RoBERTa's classifier "
-                                  f"has {key}={want!r})")
-    num_labels = _num_labels(cfg.get("num_labels", 2), path)  # 2: ClassificationHead's default
+            raise CheckpointError(f"{path}: config key {key!r} = {value!r} is not supported ({what}: "
+                                  f"{key}={want!r})")
+    num_labels = _num_labels(cfg.get("num_labels", 2), path)  # 2: the default of ClassificationHead and TaggingHead
     labels = _labels(cfg, num_labels, path)
-    task = HEAD_TYPES[cfg["head_type"]]
     if task == "classification" and num_labels == 1:
         task = "regression"  # ClassificationHead: num_labels == 1 trains with MSELoss
     return {"name": _name(meta, path), "family": "heads.", "num_labels": num_labels, "labels": labels, "task": task}
 
 
 def _static_head(meta: dict, path: Path) -> dict:
-    """A transformers classifier saved by adapters.init(RobertaForSequenceClassification): labels at the top level."""
+    """A transformers classifier saved by adapters.init(RobertaFor{Sequence,Token}Classification): labels at the top
+    level."""
     if meta.get("config") is not None:
         raise CheckpointError(f"{path}: key 'config' = {meta['config']!r}: a {meta['model_class']} head has none")
     label2id = meta.get("label2id")
     # get_head_config_and_rename_list: num_labels, else the label map's size, else 2.
     num_labels = _num_labels(meta.get("num_labels") or (len(label2id) if isinstance(label2id, dict) else 2), path)
+    task = TOKEN_TASK if meta["model_class"] == "RobertaForTokenClassification" else \
+        "regression" if num_labels == 1 else "classification"
     return {"name": "", "family": "classifier.", "num_labels": num_labels, "labels": _labels(meta, num_labels, path),
-            "task": "regression" if num_labels == 1 else "classification"}
+            "task": task}
 
 
 def _num_labels(value, path: Path) -> int:
@@ -367,10 +397,10 @@ def _present(d: Path, names: tuple[str, str]) -> str:
     return name
 
 
-def _read_tensors(path: Path, name: str, family: str, num_layers: int,
-                  expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Load one weights file, rename every key through the KEYS entries of `family`, check the set and each shape."""
-    table = concrete_keys(name, num_layers, family)
+def _read_tensors(path: Path, name: str, family: str, num_layers: int, expected: dict[str, tuple[int, ...]],
+                  keys: dict[str, str] = KEYS) -> dict[str, torch.Tensor]:
+    """Load one weights file, rename every key through the `keys` entries of `family`, check the set and each shape."""
+    table = concrete_keys(name, num_layers, family, keys)
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     for key, t in _load(path).items():
@@ -385,7 +415,7 @@ def _read_tensors(path: Path, name: str, family: str, num_layers: int,
     missing = [k for k in expected if k not in out]
     if missing:
         more = f", and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: key {their_key(missing[0], name, family)!r} is missing{more}")
+        raise CheckpointError(f"{path}: key {their_key(missing[0], name, family, keys)!r} is missing{more}")
     return out
 
 
@@ -395,7 +425,7 @@ def _why_unexpected(key: str, ours: str | None, num_layers: int) -> str:
         return f": layer {m.group(1)}, but this model has {num_layers} layers (an adapter for another base)"
     if ours is not None:
         return f" ({ours}): not part of this adapter's configuration"
-    return " (not in roberta_lite.formats.adapterhub.KEYS for this adapter's name)"
+    return " (not in roberta_lite.formats.adapterhub's KEYS or TAGGING_KEYS for this adapter's name)"
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -424,11 +454,16 @@ def _is_head(ours: str) -> bool:
     return ours.startswith("head.")
 
 
-def concrete_keys(name: str, num_layers: int, family: str) -> dict[str, str]:
-    """Every key of `family` (KEYS prefix: "encoder.", "heads." or "classifier.") a file for adapter `name` on
-    `num_layers` layers may hold, without the `roberta.` prefix -> interchange key."""
+def key_table(task: str) -> dict[str, str]:
+    """The table whose head entries hold a head of `task` (the adapter's entries are in KEYS)."""
+    return TAGGING_KEYS if task == TOKEN_TASK else KEYS
+
+
+def concrete_keys(name: str, num_layers: int, family: str, keys: dict[str, str] = KEYS) -> dict[str, str]:
+    """Every key of `family` (prefix of a `keys` entry: "encoder.", "heads." or "classifier.") a file for adapter
+    `name` on `num_layers` layers may hold, without the `roberta.` prefix -> interchange key."""
     out = {}
-    for theirs, ours in KEYS.items():
+    for theirs, ours in keys.items():
         if not theirs.startswith(family):
             continue
         for i in range(num_layers) if "{}" in theirs else [None]:
@@ -437,25 +472,28 @@ def concrete_keys(name: str, num_layers: int, family: str) -> dict[str, str]:
     return out
 
 
-def their_key(ours: str, name: str, family: str | None = None) -> str:
-    """The key for an interchange key: the first KEYS entry for it (of `family` if given), as RobertaAdapterModel's
+def their_key(ours: str, name: str, family: str | None = None, keys: dict[str, str] = KEYS) -> str:
+    """The key for an interchange key: the first `keys` entry for it (of `family` if given), as RobertaAdapterModel's
     save_adapter writes it (adapter keys with the `roberta.` prefix)."""
     layer = next((p for p in ours.split(".") if p.isdigit()), None)
     template = ours.replace(f".{layer}.", ".{}.") if layer else ours
-    theirs = next(t for t, o in KEYS.items() if o == template and t.startswith(family or ""))
+    theirs = next(t for t, o in keys.items() if o == template and t.startswith(family or ""))
     theirs = (theirs.replace("{}", layer) if layer else theirs).replace("{name}", name)
     return PREFIX + theirs if theirs.startswith("encoder.") else theirs
 
 
-def expected_shapes(config: dict, num_labels: int | None, hidden_size: int, num_layers: int) -> dict[str, tuple]:
-    """Interchange key -> shape for a bottleneck adapter of `config` (+ the head when num_labels is given)."""
+def expected_shapes(config: dict, num_labels: int | None, hidden_size: int, num_layers: int,
+                    task: str = "classification") -> dict[str, tuple]:
+    """Interchange key -> shape for a bottleneck adapter of `config` (+ the head of `task` when num_labels is given:
+    a token head is out only, a sentence head dense and out)."""
     C, R = hidden_size, hidden_size // config["reduction_factor"]
     slots = ("attn_adapter", "ffn_adapter") if config["kind"] == "houlsby" else ("ffn_adapter",)
     part = {"down.weight": (R, C), "down.bias": (R,), "up.weight": (C, R), "up.bias": (C,)}
     out = {f"layers.{i}.{s}.{p}": shape for i in range(num_layers) for s in slots for p, shape in part.items()}
+    if num_labels is not None and task != TOKEN_TASK:
+        out.update({"head.dense.weight": (C, C), "head.dense.bias": (C,)})
     if num_labels is not None:
-        out.update({"head.dense.weight": (C, C), "head.dense.bias": (C,), "head.out.weight": (num_labels, C),
-                    "head.out.bias": (num_labels,)})
+        out.update({"head.out.weight": (num_labels, C), "head.out.bias": (num_labels,)})
     return out
 
 
@@ -469,15 +507,18 @@ def write(directory: Path, f: AdapterFile, hidden_size: int, num_layers: int, ba
     config files last; the .bin holds a plain dict of tensors."""
     config = their_config(f.config)
     _check_tensors(f, hidden_size, num_layers)
+    head = _their_head_config(f) if f.num_labels is not None else None  # refused here, before anything is written
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     adapter = {their_key(k, f.name): t for k, t in f.tensors.items() if not _is_head(k)}
     _write_weights(d, WEIGHTS, adapter)
     top = {"hidden_size": hidden_size, "model_class": "RobertaAdapterModel", "model_name": base_name,
            "model_type": "roberta", "name": f.name, "version": FORMAT_VERSION}
-    if f.num_labels is not None:
-        _write_weights(d, HEAD_WEIGHTS, {their_key(k, f.name): t for k, t in f.tensors.items() if _is_head(k)})
-        _write_json(d / HEAD_CONFIG, {**top, "config": _their_head_config(f)})
+    if head is not None:
+        keys = key_table(f.task)
+        _write_weights(d, HEAD_WEIGHTS, {their_key(k, f.name, keys=keys): t for k, t in f.tensors.items()
+                                         if _is_head(k)})
+        _write_json(d / HEAD_CONFIG, {**top, "config": head})
     else:
         for stale in (HEAD_CONFIG, *HEAD_WEIGHTS):  # a head left from an earlier write would be loaded with this one
             (d / stale).unlink(missing_ok=True)
@@ -500,7 +541,7 @@ def their_config(config: dict) -> dict:
 
 
 def _check_tensors(f: AdapterFile, hidden_size: int, num_layers: int) -> None:
-    expected = expected_shapes(f.config, f.num_labels, hidden_size, num_layers)
+    expected = expected_shapes(f.config, f.num_labels, hidden_size, num_layers, f.task)
     for k in sorted(set(expected) | set(f.tensors)):
         if k not in f.tensors:
             raise ValueError(f"adapter {f.name!r}: tensor {k!r} is missing")
@@ -512,10 +553,11 @@ def _check_tensors(f: AdapterFile, hidden_size: int, num_layers: int) -> None:
 
 
 def _their_head_config(f: AdapterFile) -> dict:
-    """The flex ClassificationHead's config dict (heads/base.py); regression is a one-output classification head."""
+    """The flex head's config dict (heads/base.py): ClassificationHead's, where regression is a one-output
+    classification head, or TaggingHead's for a token head."""
     head_type = {"classification": "classification", "regression": "classification",
-                 "multilabel": "multilabel_classification"}.get(f.task)
-    if head_type is None or (f.task == "regression") != (f.num_labels == 1):
+                 "multilabel": "multilabel_classification", TOKEN_TASK: "tagging"}.get(f.task)
+    if head_type is None or f.task != TOKEN_TASK and (f.task == "regression") != (f.num_labels == 1):
         raise ValueError(f"adapter {f.name!r}: task {f.task!r} with {f.num_labels} outputs has no AdapterHub head "
                          f"(regression is a head with exactly one output)")
     label2id = None
@@ -523,6 +565,9 @@ def _their_head_config(f: AdapterFile) -> dict:
         if len(f.labels) != f.num_labels or len(set(f.labels)) != len(f.labels):
             raise ValueError(f"adapter {f.name!r}: labels {f.labels!r} are not {f.num_labels} distinct names")
         label2id = {str(n): i for i, n in enumerate(f.labels)}
+    if f.task == TOKEN_TASK:
+        return {**TAGGING_WRITTEN, "head_type": head_type, "num_labels": f.num_labels, "label2id": label2id,
+                "dropout_prob": None}
     return {**HEAD_MUST_BE, "head_type": head_type, "num_labels": f.num_labels, "label2id": label2id,
             "dropout_prob": None}
 

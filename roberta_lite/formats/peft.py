@@ -2,9 +2,11 @@
 
 peft saves a LoRA adapter trained on transformers' RobertaForSequenceClassification as
 `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r), and the classifier it
-trained in full (`modules_to_save`, added by task_type SEQ_CLS) under its plain module path. `KEYS` below lists
-every key we read; anything else is an error. peft computes y = W x + b + s * B (A (dropout(x))) with
-s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora): exactly our LoRA, so the tensors are copied unchanged.
+trained in full (`modules_to_save`, added by task_type SEQ_CLS) under its plain module path. With task_type
+TOKEN_CLS (RobertaForTokenClassification) that classifier is one Linear(C, K), `classifier.weight` / `.bias`: our
+token head (`TOKEN_KEYS`). `KEYS` below lists every key we read; anything else is an error. peft computes
+y = W x + b + s * B (A (dropout(x))) with s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora): exactly our
+LoRA, so the tensors are copied unchanged.
 
 Which modules a file adapts is what `target_modules` selects under peft's own rule (a module is adapted when its
 name equals an entry or ends with "." + entry; modules inside `modules_to_save` never are). On RoBERTa:
@@ -70,6 +72,13 @@ KEYS: dict[str, str | None] = {
     "base_model.model.classifier.out_proj.bias": "head.out.bias",
 }
 TO_PEFT = {ours: theirs for theirs, ours in KEYS.items()}
+# TOKEN_CLS files: the same LoRA keys, and RobertaForTokenClassification's classifier (saved whole) as the head.
+TOKEN_KEYS: dict[str, str] = {
+    **{theirs: ours for theirs, ours in KEYS.items() if not ours.startswith("head.")},
+    "base_model.model.classifier.weight": "head.out.weight",
+    "base_model.model.classifier.bias": "head.out.bias",
+}
+TOKEN_TO_PEFT = {ours: theirs for theirs, ours in TOKEN_KEYS.items()}
 
 # The modules of transformers' RobertaForSequenceClassification that peft's LoRA can wrap -> our target
 # (None: one we have no LoRA for). Only Linear and Embedding layers can carry LoRA.
@@ -85,6 +94,7 @@ MODULES: dict[str, str | None] = {
     "roberta.embeddings.token_type_embeddings": None,
     "classifier.dense": None,
     "classifier.out_proj": None,
+    "classifier": None,  # RobertaForTokenClassification's classifier is a Linear itself
 }
 # Our target -> the target_modules entry `write` gives it ({}: one full name per layer; no suffix names FFN-down alone).
 TARGET_NAMES = {"query": "query", "key": "key", "value": "value", "attn_out": "attention.output.dense",
@@ -94,6 +104,7 @@ TARGET_KEYS = {"query": "layers.{}.attn.qkv_lora.query", "key": "layers.{}.attn.
                "value": "layers.{}.attn.qkv_lora.value", "attn_out": "layers.{}.attn.proj_lora",
                "ffn_up": "layers.{}.ffn.up_lora", "ffn_down": "layers.{}.ffn.down_lora"}
 HEAD_KEYS = ("head.dense.weight", "head.dense.bias", "head.out.weight", "head.out.bias")
+TOKEN_HEAD_KEYS = ("head.out.weight", "head.out.bias")
 PEFT_DEFAULT_TARGETS = ["query", "value"]  # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["roberta"]
 ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear except the classifier (for SEQ_CLS)
 
@@ -112,9 +123,10 @@ READ = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora
 # init_lora_weights values that leave the base weights alone (PiSSA, CorDA, OLoRA, LoRA-GA and LoftQ rewrite them,
 # so their adapters only compute what they were trained to on a base we do not have).
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-TASK_TYPES = (None, "SEQ_CLS")
+TASK_TYPES = (None, "SEQ_CLS", "TOKEN_CLS")
 HEAD_MODULES = ("classifier", "score")  # peft's SEQ_CLS default modules_to_save; RoBERTa's head is `classifier`
-TASKS = ("classification", "regression", "multilabel")
+TASKS = ("classification", "regression", "multilabel")  # with a SEQ_CLS (or task-less) head
+TOKEN_TASK = "token-classification"  # with a TOKEN_CLS head
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -152,12 +164,13 @@ def _validate(at: _Files, cfg: dict, theirs: dict[str, torch.Tensor], meta: dict
               name: str) -> AdapterFile:
     """Everything `read` checks, on a config and tensors in memory (`write` runs it on what it is about to write)."""
     ours = _lora_config(at.config, cfg)
-    tensors = _rename(at.weights, theirs, num_layers)
+    token = cfg.get("task_type") == "TOKEN_CLS"
+    tensors = _rename(at.weights, theirs, num_layers, token)
     ours["targets"] = _resolve_targets(at.config, cfg, num_layers)
     _check_lora_tensors(at.weights, tensors, ours["targets"], num_layers)
     ffn = _check_lora_shapes(at.weights, tensors, hidden, ours["r"])
-    num_labels = _check_head(at.weights, tensors, hidden)
-    labels, task = _labels(at.weights, meta, num_labels)
+    num_labels = _check_head(at.weights, tensors, hidden, token)
+    labels, task = _labels(at.weights, meta, num_labels, token)
     base = {"hidden_size": hidden, "num_layers": num_layers, "model": cfg.get("base_model_name_or_path")}
     if ffn is not None:
         base["intermediate_size"] = ffn
@@ -193,7 +206,8 @@ def _lora_config(path: Path, cfg: dict) -> dict:
             _refuse(path, cfg, key, "a LoRA variant roberta_lite does not compute" if key in MUST_BE_OFF
                     else "an option roberta_lite does not know")
     if cfg.get("task_type") not in TASK_TYPES:
-        _refuse(path, cfg, "task_type", "roberta_lite computes sequence classification (SEQ_CLS) only")
+        _refuse(path, cfg, "task_type", "roberta_lite computes sequence (SEQ_CLS) and token (TOKEN_CLS) "
+                                        "classification only")
     if cfg.get("init_lora_weights", True) not in PLAIN_INITS:
         _refuse(path, cfg, "init_lora_weights", "this initialisation rewrites the base weights; convert the adapter "
                 "to plain LoRA first (peft's save_pretrained(path_initial_model_for_weight_conversion=...))")
@@ -238,17 +252,18 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _rename(path: Path, theirs: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Their keys -> interchange keys through KEYS. A key KEYS lacks, a non-float tensor, or layers other than the
-    model's (a file for another base) is an error naming the key."""
+def _rename(path: Path, theirs: dict[str, torch.Tensor], num_layers: int, token: bool) -> dict[str, torch.Tensor]:
+    """Their keys -> interchange keys through KEYS (TOKEN_KEYS for a TOKEN_CLS file). A key the table lacks, a
+    non-float tensor, or layers other than the model's (a file for another base) is an error naming the key."""
+    keys = TOKEN_KEYS if token else KEYS
     out: dict[str, torch.Tensor] = {}
     layers: set[int] = set()
     for key, t in theirs.items():
         m = _LAYER.search(key)
         template = key if m is None else f"{key[: m.start()]}.{{}}.{key[m.end():]}"
-        if template not in KEYS:
-            raise CheckpointError(f"{path}: unexpected key {key!r} (not a RoBERTa LoRA or classifier tensor: "
-                                  f"no entry in formats.peft.KEYS)")
+        if template not in keys:
+            raise CheckpointError(f"{path}: unexpected key {key!r} (not a RoBERTa LoRA or {'token ' * token}"
+                                  f"classifier tensor: no entry in formats.peft.{'TOKEN_' * token}KEYS)")
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: key {key!r} has dtype {t.dtype}, expected floating point")
         if m is not None:
@@ -256,17 +271,18 @@ def _rename(path: Path, theirs: dict[str, torch.Tensor], num_layers: int) -> dic
             if int(m.group(1)) >= num_layers:
                 raise CheckpointError(f"{path}: key {key!r} is for layer {m.group(1)}, but the model has "
                                       f"{num_layers} layers (adapter trained on another base?)")
-        out[KEYS[template].format(m.group(1) if m else "")] = t
+        out[keys[template].format(m.group(1) if m else "")] = t
     if layers and layers != set(range(num_layers)):
         raise CheckpointError(f"{path}: LoRA tensors for layers {sorted(layers)} only, but the model has "
                               f"{num_layers} layers (adapter trained on another base?)")
     return out
 
 
-def _their_key(ours: str) -> str:
-    """peft's key for an interchange key (for messages, and for `write`)."""
+def _their_key(ours: str, token: bool = False) -> str:
+    """peft's key for an interchange key (for messages, and for `write`); `token`: in a TOKEN_CLS file."""
+    table = TOKEN_TO_PEFT if token else TO_PEFT
     m = re.match(r"layers\.(\d+)\.(.*)", ours)
-    return TO_PEFT[ours] if m is None else TO_PEFT["layers.{}." + m.group(2)].format(m.group(1))
+    return table[ours] if m is None else table["layers.{}." + m.group(2)].format(m.group(1))
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -353,38 +369,44 @@ def _check_lora_shapes(path: Path, tensors: dict[str, torch.Tensor], hidden: int
 
 # --------------------------------------------------------------------------------------------- head and labels
 
-def _check_head(path: Path, tensors: dict[str, torch.Tensor], hidden: int) -> int | None:
-    """The classifier (dense (C, C), out_proj (K, C), with biases), all or nothing; returns K or None."""
-    present = [k for k in HEAD_KEYS if k in tensors]
+def _check_head(path: Path, tensors: dict[str, torch.Tensor], hidden: int, token: bool) -> int | None:
+    """The classifier (dense (C, C), out_proj (K, C), with biases; a TOKEN_CLS file's is (K, C) and (K,) only), all
+    or nothing; returns K or None."""
+    head_keys = TOKEN_HEAD_KEYS if token else HEAD_KEYS
+    present = [k for k in head_keys if k in tensors]
     if not present:
         return None
-    for key in HEAD_KEYS:
+    for key in head_keys:
         if key not in tensors:
-            raise CheckpointError(f"{path}: tensor {_their_key(key)!r} is missing (the file has "
-                                  f"{_their_key(present[0])!r}: the classifier is saved whole)")
+            raise CheckpointError(f"{path}: tensor {_their_key(key, token)!r} is missing (the file has "
+                                  f"{_their_key(present[0], token)!r}: the classifier is saved whole)")
     out = tensors["head.out.weight"].shape
     k = out[0] if len(out) == 2 and out[0] >= 1 else -1
     expected = {"head.dense.weight": (hidden, hidden), "head.dense.bias": (hidden,),
                 "head.out.weight": (k, hidden), "head.out.bias": (k,)}
-    for key, shape in expected.items():
+    for key in head_keys:
+        shape = expected[key]
         if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"{path}: key {_their_key(key)!r} has shape {tuple(tensors[key].shape)}, "
+            raise CheckpointError(f"{path}: key {_their_key(key, token)!r} has shape {tuple(tensors[key].shape)}, "
                                   f"expected {shape} (hidden size {hidden}; adapter trained on another base?)")
     return k
 
 
-def _labels(path: Path, meta: dict, num_labels: int | None) -> tuple[list[str] | None, str]:
-    """Label names and task from our entry in the safetensors header, when there is one; else LABEL_i."""
+def _labels(path: Path, meta: dict, num_labels: int | None, token: bool) -> tuple[list[str] | None, str]:
+    """Label names and task from our entry in the safetensors header, when there is one; else LABEL_i. A TOKEN_CLS
+    file's task is token-classification, and no other file's is."""
     default = [f"LABEL_{i}" for i in range(num_labels)] if num_labels else None
+    tasks = (TOKEN_TASK,) if token else TASKS
     if METADATA_KEY not in meta:
-        return default, "classification"
+        return default, tasks[0]
     try:
         ours = json.loads(meta[METADATA_KEY])
-        labels, task = ours.get("labels") or default, ours.get("task", "classification")
+        labels, task = ours.get("labels") or default, ours.get("task", tasks[0])
     except (ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: header entry {METADATA_KEY!r} is not a JSON object ({e})") from None
-    if task not in TASKS:
-        raise CheckpointError(f"{path}: header entry {METADATA_KEY!r}: task {task!r} is not one of {', '.join(TASKS)}")
+    if task not in tasks:
+        raise CheckpointError(f"{path}: header entry {METADATA_KEY!r}: task {task!r} is not one of {', '.join(tasks)} "
+                              f"(task_type {'TOKEN_CLS' if token else 'SEQ_CLS'})")
     if labels is not None and (num_labels is None or not isinstance(labels, list) or len(labels) != num_labels
                                or not all(isinstance(x, str) for x in labels)):
         raise CheckpointError(f"{path}: header entry {METADATA_KEY!r}: labels {labels!r} are not "
@@ -395,18 +417,20 @@ def _labels(path: Path, meta: dict, num_labels: int | None) -> tuple[list[str] |
 # --------------------------------------------------------------------------------------------- write
 
 def write(directory: Path, f: AdapterFile, hidden_size: int, num_layers: int, base_name: str) -> Path:
-    """A directory peft.PeftModel.from_pretrained(RobertaForSequenceClassification, directory) loads as it is,
-    computing what our model computes. Everything is checked as `read` checks it before a byte is written;
-    each file is written atomically (weights first, so a config never names weights not yet there)."""
+    """A directory peft.PeftModel.from_pretrained(RobertaForSequenceClassification, directory) (for a token head:
+    RobertaForTokenClassification) loads as it is, computing what our model computes. Everything is checked as
+    `read` checks it before a byte is written; each file is written atomically (weights first, so a config never
+    names weights not yet there)."""
     directory = Path(directory)
     cfg = _config_for(f, num_layers, base_name)
+    token = cfg["task_type"] == "TOKEN_CLS"
     theirs = {}
     for key, t in f.tensors.items():
         try:
-            theirs[_their_key(key)] = t.detach().to("cpu", torch.float32).contiguous()
+            theirs[_their_key(key, token)] = t.detach().to("cpu", torch.float32).contiguous()
         except KeyError:
             raise CheckpointError(f"{directory}: tensor {key!r} has no peft name "
-                                  f"(no entry in formats.peft.KEYS)") from None
+                                  f"(no entry in formats.peft.{'TOKEN_' * token}KEYS)") from None
     meta = {"format": "pt"}
     if f.num_labels is not None:
         meta[METADATA_KEY] = json.dumps({"labels": f.labels, "task": f.task})
@@ -422,7 +446,8 @@ def write(directory: Path, f: AdapterFile, hidden_size: int, num_layers: int, ba
 
 
 def _config_for(f: AdapterFile, num_layers: int, base_name: str) -> dict:
-    """adapter_config.json for our LoRA config: a SEQ_CLS LoRA whose target_modules selects exactly our targets."""
+    """adapter_config.json for our LoRA config: a SEQ_CLS LoRA (TOKEN_CLS for a token head) whose target_modules
+    selects exactly our targets."""
     c = f.config
     if c.get("kind") != "lora":
         raise CheckpointError(f"adapter {f.name!r}: kind {c.get('kind')!r}; the peft format holds LoRA adapters only")
@@ -434,7 +459,7 @@ def _config_for(f: AdapterFile, num_layers: int, base_name: str) -> dict:
     alpha = c["alpha"]
     return {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": "TOKEN_CLS" if f.task == TOKEN_TASK else "SEQ_CLS",
         "base_model_name_or_path": base_name,
         "r": c["r"],
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
