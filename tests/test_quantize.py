@@ -27,6 +27,7 @@ KINDS = {  # name: (config, num_labels, task)
     "lora": (AdapterConfig("lora", r=4, alpha=8, targets=("query", "value", "attn_out", "ffn_up", "ffn_down")), 1,
              "regression"),
     "tags": (AdapterConfig("houlsby", activation="gelu"), 4, "multilabel"),
+    "ner": (AdapterConfig("pfeiffer"), 5, "token-classification"),  # a tag per token: (B, T, 5) logits
 }
 TEXTS = ["a good film", "the plot was dull and the acting was weak", "wonderful", "really quite boring " * 10]
 
