@@ -58,8 +58,9 @@ class Model(M.RoBERTa):
     def add_adapter(self, name: str | AdapterConfig | dict, config: AdapterConfig | str | dict | None = None, *,
                     num_labels: int | None = None, labels: Sequence[str] | None = None,
                     task: str | None = None, replace: bool = False) -> "Model":
-        """Add a fresh adapter `name` (the identity until trained) with its own head, and make it active. The head
-        starts as a copy of the model's own classifier; with num_labels, a fresh one (BERT's init). task:
+        """Add a fresh adapter `name` with its own head, and make it active. Until trained, a LoRA is the identity
+        and a bottleneck nearly so (small random weights, Houlsby's and AdapterHub's init). The head starts as a
+        copy of the model's own classifier; with num_labels, a fresh one (BERT's init). task:
         "classification" (default), "regression", "multilabel", or "token-classification" (a TokenHead: logits
         (B, T, K), a label for every token)."""
         A.add(self, name, config, num_labels, labels, task, replace)

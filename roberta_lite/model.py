@@ -13,7 +13,7 @@ the adapters sit:
     sublayer, reading a = h. Pfeiffer: one after the FFN only, reading a = LN(x + h) (ffn_norm).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + scale · B A x, on any of query, key,
     value (thirds of qkv), attn_out (proj), ffn_up (up), ffn_down (down).
-The last matrix of each (up, B) starts at zero: a fresh adapter changes nothing.
+Fresh, a LoRA changes nothing (B = 0) and a bottleneck nearly nothing (small weights, as Houlsby's).
 
 Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(y, route, **inputs)`
 is y plus the term each adapter there computes from the inputs (by name: x=, or h=, x=, norm=), for
@@ -102,9 +102,8 @@ class Adapter(nn.Module):
         self.up = nn.Linear(hidden_size // spec.reduction_factor, hidden_size)
         self.act = ACTIVATIONS[spec.activation]
         self.reads_norm = spec.kind == "pfeiffer"
-        nn.init.normal_(self.down.weight, std=std)
-        for t in (self.down.bias, self.up.weight, self.up.bias):
-            nn.init.zeros_(t)
+        nn.init.normal_(self.down.weight, std=std), nn.init.normal_(self.up.weight, std=std)  # near the identity
+        nn.init.zeros_(self.down.bias), nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         a = norm(x + h) if self.reads_norm else h  # Pfeiffer: LN(x + h); Houlsby: the sublayer's h
