@@ -13,7 +13,8 @@ the adapters sit:
     sublayer, reading a = h. Pfeiffer: one after the FFN only, reading a = LN(x + h) (ffn_norm).
   * LoRA (Hu et al. 2021): a frozen projection W x becomes W x + scale · B A x, on any of query, key,
     value (thirds of qkv), attn_out (proj), ffn_up (up), ffn_down (down).
-Fresh, a LoRA changes nothing (B = 0) and a bottleneck nearly nothing (small weights, as Houlsby's).
+Fresh, a LoRA changes nothing (B = 0); a bottleneck nearly nothing (small up and down, as Houlsby's,
+so that down learns from the first step: with up = 0 it would get no gradient).
 
 Adapters plug in at one kind of place, a `Slot` (adapter name -> module): `slot(y, route, **inputs)`
 is y plus the term each adapter there computes from the inputs (by name: x=, or h=, x=, norm=), for
@@ -57,7 +58,7 @@ class Config:
 
 
 def init_weights(module: nn.Module, std: float):
-    """BERT's initialisation, for what no checkpoint gives. Adapters initialise themselves."""
+    """BERT's initialisation, for what no checkpoint gives. Adapters initialise themselves (std: this one)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -102,7 +103,7 @@ class Adapter(nn.Module):
         self.up = nn.Linear(hidden_size // spec.reduction_factor, hidden_size)
         self.act = ACTIVATIONS[spec.activation]
         self.reads_norm = spec.kind == "pfeiffer"
-        nn.init.normal_(self.down.weight, std=std), nn.init.normal_(self.up.weight, std=std)  # near the identity
+        nn.init.normal_(self.down.weight, std=std), nn.init.normal_(self.up.weight, std=std)  # a small term
         nn.init.zeros_(self.down.bias), nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
