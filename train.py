@@ -535,7 +535,7 @@ def build_model(run: Run, base_dir: Path, base_name: str, arch: Config, label_na
     dtype = select_dtype(run.args.precision, run.device)
     model = Model.from_pretrained(base_dir, dtype=dtype, device=run.device)
     model.set_dropout(hidden=run.args.dropout, attention=run.args.attention_dropout)
-    name = re.sub(r"[^\w-]", "_", run.output.name) or "default"  # the adapter's name: its directory's
+    name = A.name_from(run.output.name)  # the adapter's name: its directory's
     model.add_adapter(name, adapter_config(run.args), num_labels=num_outputs, labels=label_names,
                       task=run.task.kind)  # always a fresh head, never a checkpoint's classifier
     model.name_or_path = base_name  # what the adapter records: a hub id, or an absolute directory

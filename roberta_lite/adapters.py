@@ -13,6 +13,7 @@ model.RoBERTa.route and .classify. This module is the bookkeeping around them: a
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
@@ -134,12 +135,26 @@ def expected_shapes(model: "M.RoBERTa", cfg: AdapterConfig, num_labels: int,
     return {f"{path}.{k}": tuple(p.shape) for path, m in parts.items() for k, p in m.named_parameters()}
 
 
+def check_name(name) -> None:
+    """An adapter's name keys torch ModuleDicts (the Slots, `heads`), so it cannot be one of their attributes."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name {name!r}: expected a non-empty string without '.'")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which holds the adapters: "
+                         f"choose another name")
+
+
+def name_from(text: str) -> str:
+    """A usable adapter name from free text, such as train.py's output directory."""
+    name = re.sub(r"[^\w-]", "_", text) or "default"
+    return f"{name}_adapter" if hasattr(nn.ModuleDict(), name) else name
+
+
 def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[str] | None, task: str, replace: bool):
     if cfg is None and (not isinstance(name, str) or name in KINDS):  # add_adapter("houlsby"), of earlier versions
         name, cfg, replace = "default", name, True
     cfg = AdapterConfig.of(cfg or "houlsby")
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name {name!r}: expected a non-empty string without '.'")
+    check_name(name)
     if name in model.adapter_configs and not replace:
         raise ValueError(f"adapter {name!r} already exists (delete_adapter it, or pass replace=True)")
     own = model.head  # the model's own classifier

@@ -205,3 +205,19 @@ def test_add_adapter_labels_without_num_labels(tiny_roberta):
     assert torch.equal(model.heads["a"].out.weight, model.head.out.weight)
     model.add_adapter("b", "houlsby", labels=["x", "y", "z"])
     assert model.labels == ["x", "y", "z"] and model.heads["b"].out.weight.shape[0] == 3
+
+
+def test_adapter_names_that_torch_reserves_are_refused_and_train_names_around_them(ckpt):
+    """Adapters are keys of nn.ModuleDicts (the Slots, `heads`), which cannot hold a key named like one of their
+    attributes ("train", "float", "eval", ...): a clear error, the model unchanged; train.py's names avoid them."""
+    from roberta_lite.adapters import name_from
+
+    model = Model.from_pretrained(ckpt[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("train", "float", "to", "_modules"):
+        with pytest.raises(ValueError, match=f"adapter name '{name}' is an attribute of torch's nn.ModuleDict"):
+            model.add_adapter(name, "houlsby")
+    assert model.adapter_names == [] and model.state_dict().keys() == before.keys()
+    assert name_from("float") == "float_adapter" and name_from("my run.v2") == "my_run_v2" and name_from("") == "default"
+    model.add_adapter(name_from("train"), "lora")
+    assert model.adapter_names == ["train_adapter"]

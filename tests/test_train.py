@@ -149,7 +149,7 @@ def test_formats_end_to_end(fmt, tiny_roberta, cache, tmp_path, capsys):
     else:  # label names, seeded held-out test part
         data = write_jsonl(tmp_path / "d.jsonl", [(t, "pos" if y else "neg") for t, y in examples(100, 0)])
         extra, labels, n_test = [], ["neg", "pos"], 20
-    out = tmp_path / "out"
+    out = tmp_path / ("float" if fmt == "csv" else "out")  # "float": a ModuleDict attribute, renamed float_adapter
     rc, stdout, err = run_main(["--data", str(data), "--output", str(out), *common(tiny_roberta, cache), *extra],
                                capsys)
     assert rc == 0, err[-3000:]
