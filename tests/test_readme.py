@@ -41,7 +41,9 @@ def test_python_blocks_run_in_order(tiny_roberta, tmp_path, monkeypatch):
         exec(compile(source, f"README.md python block {i + 1}", "exec"), namespace)
     assert (tmp_path / "weights" / "adapters" / "my-sentiment" / "adapter.safetensors").is_file()
     model = namespace["model"]
-    assert model.adapter_names == ["sentiment", "nli", "sentiment-2"]  # "topic" deleted by the last line
+    assert model.adapter_names == ["sentiment", "nli", "sentiment-2", "ner"]  # "topic" deleted
+    ids, mask = namespace["ids"], namespace["mask"]
+    assert model(ids, mask, adapter="ner").shape == (*ids.shape, 3)  # the block's comment: (B, T, 3)
 
 
 def test_train_lines_parse():
