@@ -29,7 +29,8 @@ from roberta_lite.model import ACTIVATIONS
 BOTTLENECK_KINDS = ("houlsby", "pfeiffer")
 KINDS = (*BOTTLENECK_KINDS, "lora")
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
-TASKS = ("classification", "regression", "multilabel", "token-classification")  # the last: a TokenHead
+TOKEN_TASK = "token-classification"  # a label for every token: a TokenHead
+TASKS = ("classification", "regression", "multilabel", TOKEN_TASK)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def build(model, cfg: AdapterConfig) -> dict[str, nn.Module]:
 
 
 def head_class(task: str) -> type[nn.Module]:
-    return M.TokenHead if task == "token-classification" else M.ClassificationHead
+    return M.TokenHead if task == TOKEN_TASK else M.ClassificationHead
 
 
 def expected_shapes(model: "M.RoBERTa", cfg: AdapterConfig, num_labels: int,
@@ -139,7 +140,7 @@ def check_name(name) -> None:
     """An adapter's name keys torch ModuleDicts (the Slots, `heads`), so it cannot be one of their attributes."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name {name!r}: expected a non-empty string without '.'")
-    if hasattr(nn.ModuleDict(), name):
+    if _reserved(name):
         raise ValueError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which holds the adapters: "
                          f"choose another name")
 
@@ -147,7 +148,12 @@ def check_name(name) -> None:
 def name_from(text: str) -> str:
     """A usable adapter name from free text, such as train.py's output directory."""
     name = re.sub(r"[^\w-]", "_", text) or "default"
-    return f"{name}_adapter" if hasattr(nn.ModuleDict(), name) else name
+    return f"{name}_adapter" if _reserved(name) else name
+
+
+def _reserved(name: str) -> bool:
+    """Whether torch's nn.ModuleDict has an attribute of that name (train, float, eval, ...): not a usable key."""
+    return hasattr(nn.ModuleDict(), name)
 
 
 def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[str] | None, task: str, replace: bool):
@@ -158,7 +164,7 @@ def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[
     if name in model.adapter_configs and not replace:
         raise ValueError(f"adapter {name!r} already exists (delete_adapter it, or pass replace=True)")
     own = model.head  # the model's own classifier
-    task = task or ("token-classification" if isinstance(own, M.TokenHead) else "classification")
+    task = task or (TOKEN_TASK if isinstance(own, M.TokenHead) else "classification")
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     same_kind = isinstance(own, head_class(task))
@@ -170,7 +176,7 @@ def add(model: "M.RoBERTa", name, cfg, num_labels: int | None, labels: Sequence[
     parts = build(model, cfg)  # validates before anything changes
     device = model.embed.tok.weight.device
     if num_labels is None:  # start from the model's own classifier: its trained weights if the checkpoint had one
-        head = copy.deepcopy(model.head)
+        head = copy.deepcopy(own)
         head.task = task
         head.labels = list(head.labels if labels is None else labels)
     else:

@@ -36,7 +36,8 @@ class CheckpointError(ValueError):
 #     encoder.layer.{i}.attention.self.{query,key,value} -> rows [0,C), [C,2C), [2C,3C) of layers.{i}.attn.qkv
 #     encoder.layer.{i}.attention.output.{dense,LayerNorm} -> layers.{i}.{attn.proj,attn_norm}
 #     encoder.layer.{i}.{intermediate.dense,output.dense,output.LayerNorm} -> layers.{i}.{ffn.up,ffn.down,ffn_norm}
-#     classifier.{dense,out_proj} -> head.{dense,out} (a sentence head); classifier -> head.out (a TokenHead);  lm_head.{dense,layer_norm,bias} -> mlm.{dense,norm,bias}
+#     classifier.{dense,out_proj} -> head.{dense,out} (a sentence head); classifier -> head.out (a TokenHead)
+#     lm_head.{dense,layer_norm,bias} -> mlm.{dense,norm,bias}
 #     dropped: pooler.*, position_ids, token_type_ids, lm_head.decoder.* (= embed.tok.weight and mlm.bias)
 # Unknown or missing tensors are errors; classifier.* and lm_head.* are optional.
 #
